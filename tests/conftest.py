@@ -1,0 +1,37 @@
+"""Shared fixtures. Tests run the real torch/transformers/peft (and Ray, Optuna, MLflow) on the tiny model."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """The tiny preset, built once per machine (it needs the smollm2 tokenizer, converted once too)."""
+    from trainer.models import ensure_preset
+
+    return ensure_preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir):
+    from trainer.models import load_tokenizer
+
+    return load_tokenizer(tiny_model_dir)
+
+
+def run_cli(args: list[str], cwd: Path | None = None, timeout: float = 300, env: dict | None = None):
+    """Run a project command as a user would; returns the CompletedProcess."""
+    import subprocess
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout, env=full_env
+    )

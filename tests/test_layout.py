@@ -1,0 +1,31 @@
+"""Repository invariants that keep the product importable and honest."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_mlflow_folder_does_not_shadow_the_library():
+    assert not (ROOT / "mlflow" / "__init__.py").exists()
+    assert not (ROOT / "mlflow.py").exists()
+    # from the repo root (as pytest and `python -m` run), `import mlflow` must be the installed library
+    out = subprocess.run([sys.executable, "-c", "import mlflow; print(mlflow.__file__, mlflow.__version__)"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "site-packages" in out
+
+
+def test_trainer_never_imports_ray_or_mlflow():
+    for path in (ROOT / "trainer").glob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(import|from)\s+(ray|mlflow)\b", text, re.M), path
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    match = re.search(r"^(bash scripts/install\.sh --test && python -m pytest[^\n]*)$", readme, re.M)
+    assert match, "README must show the test command"
+    assert match.group(1) in ci

@@ -1,0 +1,103 @@
+"""Data formats, target masks, prompt_loss_weight and the built-in facts."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from trainer.data import collate, load_records, split_records, tokenize
+from trainer.errors import UserError
+from trainer.facts import facts
+from trainer.metrics import _exact_rows, weighted_loss
+
+
+def _write(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def test_prompt_completion_targets_are_the_completion_and_eos(tmp_path, tokenizer):
+    f = _write(tmp_path / "d.jsonl", [{"prompt": "Q: sky?\nA:", "completion": " blue."}])
+    (ex,) = tokenize(load_records(f), tokenizer, seq_len=64)
+    target_ids = [t for t, m in zip(ex.input_ids, ex.target) if m]
+    assert tokenizer.decode(target_ids[:-1]) == " blue."
+    assert target_ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode([t for t, m in zip(ex.input_ids, ex.target) if not m]) == "Q: sky?\nA:"
+
+
+def test_chat_messages_take_loss_on_assistant_turns_only(tmp_path, tokenizer):
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"},
+            {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye"}]
+    f = _write(tmp_path / "c.jsonl", [{"messages": msgs}])
+    (ex,) = tokenize(load_records(f), tokenizer, seq_len=256)
+    target_text = tokenizer.decode([t for t, m in zip(ex.input_ids, ex.target) if m])
+    assert "Hello there" in target_text and "Goodbye" in target_text
+    assert "Hi" not in target_text and "Bye" not in target_text and "assistant" not in target_text
+
+
+def test_prompt_loss_weight_interpolates_between_completion_only_and_whole_sequence():
+    nll = torch.tensor([[1.0, 1.0, 3.0, 3.0]])
+    target = torch.tensor([[False, False, True, True]])
+    valid = torch.ones_like(target)
+    assert weighted_loss(nll, target, valid, 0.0).item() == pytest.approx(3.0)
+    assert weighted_loss(nll, target, valid, 1.0).item() == pytest.approx(2.0)
+    assert weighted_loss(nll, target, valid, 0.01).item() == pytest.approx((6 + 0.02) / 2.02)
+
+
+def test_exact_match_ignores_the_eos_and_needs_every_other_target_token():
+    correct = torch.tensor([[True, True, False], [True, False, True]])
+    target = torch.tensor([[True, True, True], [True, True, True]])
+    labels = torch.tensor([[5, 6, 2], [5, 6, 2]])
+    assert _exact_rows(correct, target, labels, eos_id=2).tolist() == [True, False]
+
+
+def test_collate_pads_right_and_masks(tokenizer):
+    from trainer.data import Example
+
+    batch = collate([Example((1, 2, 3), (False, True, True), "a"), Example((4,), (True,), "b")], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_facts_are_deterministic_and_heldout_paraphrases_the_same_answers():
+    train, held = facts(16), facts(16, heldout=True)
+    assert train == facts(16)
+    assert [r["completion"] for r in train] == [r["completion"] for r in held]
+    assert all(a["prompt"] != b["prompt"] for a, b in zip(train, held))
+    assert len({r["prompt"] for r in facts(512)}) == 512
+
+
+def test_eval_fraction_holds_out_a_deterministic_share(tmp_path):
+    f = _write(tmp_path / "d.jsonl", [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(10)])
+    train, ev = split_records(load_records(f), None, 0.2, seed=1)
+    assert len(train) == 8 and len(ev) == 2
+    assert split_records(load_records(f), None, 0.2, seed=1)[1] == ev
+
+
+def test_long_records_are_truncated_with_a_warning(tmp_path, tokenizer):
+    f = _write(tmp_path / "d.jsonl", [{"prompt": "word " * 100, "completion": " end"}])
+    with pytest.warns(UserWarning, match="truncated.*d.jsonl:1"):
+        (ex,) = tokenize(load_records(f), tokenizer, seq_len=16)
+    assert len(ex.input_ids) == 16
+
+
+BAD_DATA = [
+    ("missing", None, "data file not found"),
+    ("empty", [], "data file is empty"),
+    ("broken line", [{"prompt": "a", "completion": "b"}, '{"prompt": "a", '], ":2: not valid JSON"),
+    ("wrong keys", [{"question": "a", "answer": "b"}], ":1: a record needs string keys 'prompt' and 'completion'"),
+    ("not an object", ["[1, 2]"], ":1: expected a JSON object"),
+    ("bad role", [{"messages": [{"role": "robot", "content": "x"}]}], "messages[0] must be"),
+    ("no assistant", [{"messages": [{"role": "user", "content": "x"}]}], "no assistant turn"),
+]
+
+
+@pytest.mark.parametrize("name,rows,message", BAD_DATA, ids=[b[0] for b in BAD_DATA])
+def test_bad_data_names_file_and_line(tmp_path, name, rows, message):
+    path = tmp_path / "bad.jsonl"
+    if rows is not None:
+        _write(path, rows)
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")) as exc:
+        load_records(str(path))
+    assert str(path) in str(exc.value)

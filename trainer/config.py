@@ -1,0 +1,110 @@
+"""The typed configuration of one fine-tuning run.
+
+Every field can be a dimension of a sweep (``space:`` in a sweep spec) or set
+in a production config for ``python -m trainer.train CONFIG.yaml``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from trainer.yamlio import apply_overrides, read_yaml, validate
+
+
+class TrainConfig(BaseModel):
+    """One run. Frozen: build a new one with ``model_copy(update=...)``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # --- model ---------------------------------------------------------
+    model: str = "smollm2-135m"
+    """A preset (``smollm2-135m``, ``tiny``), a local model directory, or a hub id already in the local HF cache."""
+    trust_remote_code: bool = False  # off unless asked for: it runs code shipped with the model
+    dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16 autocast only on GPU; CPU trains in float32
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1)  # torch CPU threads; None = torch's default (or the trial's CPUs)
+
+    # --- method ----------------------------------------------------------
+    method: str = "lora"  # a key of trainer.methods.METHODS: full | lora | last_layer
+    lora_r: int = Field(8, ge=1)  # LoRA rank: higher = more capacity and memory
+    lora_alpha: float = Field(16, gt=0)  # LoRA scale is alpha / r
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_target_modules: str | list[str] = "all-linear"  # peft's shorthand for every linear layer but the head
+    last_layers: int = Field(1, ge=1)  # last_layer: how many final transformer blocks train (plus the final norm)
+
+    # --- data ------------------------------------------------------------
+    train_data: str = "builtin:facts"  # JSONL path (prompt/completion or messages) or builtin:facts
+    eval_data: str | None = "builtin:facts-heldout"  # JSONL path, builtin:..., or None to hold out eval_fraction
+    eval_fraction: float = Field(0.0, ge=0, lt=1)  # with eval_data None: this share of train_data is held out
+    max_examples: int | None = Field(None, ge=1)  # cap on training examples (after the split)
+    seq_len: int = Field(64, ge=8)  # longer records are truncated with a warning
+    prompt_loss_weight: float = Field(0.0, ge=0, le=1)  # 0 = completion-only loss, 1 = whole sequence
+
+    # --- optimisation ----------------------------------------------------
+    learning_rate: float = Field(1e-4, gt=0)
+    batch_size: int = Field(4, ge=1)  # examples per optimizer step (before accumulation)
+    grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step
+    epochs: float = Field(3, gt=0)  # ignored when max_steps is set
+    max_steps: int | None = Field(None, ge=1)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    scheduler: Literal["linear", "cosine", "constant_with_warmup", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)  # None disables clipping
+    seed: int = 0
+
+    # --- reporting -------------------------------------------------------
+    report_every: int = Field(8, ge=1)  # examples between reports; the same for every trial of a sweep
+    eval_every: int | None = Field(32, ge=1)  # examples between eval-loss points (rounded to reports); None = only at the end
+    ema_beta: float = Field(0.98, gt=0, lt=1)  # smoothing of the train loss (fastai, Lightning)
+    memorization: bool = True  # exact match / token accuracy on train and eval completions
+    forgetting: bool = True  # NLL change on a fixed reference text set that is not training data
+    weight_change: bool = True  # per-layer ||W - W0|| / ||W0||
+
+    # --- outputs ---------------------------------------------------------
+    output_dir: str | None = None  # where the model/adapter, config.yaml and metrics.json go
+    save_model: bool = True
+
+    # --- testing hooks (not for normal use) --------------------------------
+    fault: str | None = None  # e.g. "nan@3", "explode@3", "oom@2": inject a fault at that optimizer step
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from trainer.methods import METHODS
+
+        if value not in METHODS:
+            raise ValueError(f"unknown method {value!r}; choose one of {', '.join(METHODS)}")
+        return value
+
+    @field_validator("fault")
+    @classmethod
+    def _fault_shape(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        kind, _, step = value.partition("@")
+        if kind not in ("nan", "explode", "oom", "crash") or not step.isdigit():
+            raise ValueError("fault must look like nan@K, explode@K, oom@K or crash@K")
+        return value
+
+    @model_validator(mode="after")
+    def _report_cadence(self) -> "TrainConfig":
+        if self.eval_every is not None and self.eval_every % self.report_every:
+            raise ValueError(
+                f"eval_every ({self.eval_every}) must be a multiple of report_every ({self.report_every})"
+            )
+        return self
+
+    @property
+    def examples_per_step(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML run config, apply overrides and validate it (UserError on any problem)."""
+    data = apply_overrides(read_yaml(path), overrides or [], source=str(path))
+    return validate(TrainConfig, data, source=str(path))  # type: ignore[return-value]

@@ -1,0 +1,168 @@
+"""What fine-tuning changed: losses, memorization, forgetting and weight change.
+
+- Eval loss: mean NLL of the completion (target) tokens of the eval set.
+- Memorization: teacher-forced per-token accuracy on completion tokens, and
+  greedy exact match. Greedy decoding reproduces a completion exactly iff, at
+  every completion position, the argmax given the true prefix is the true
+  token; so exact match needs one forward pass, not ``generate``. The EOS after
+  a completion is not required (the model may keep talking after the answer).
+- Forgetting: mean per-token NLL on a fixed reference set that is not training
+  data: the base model's own greedy continuations of generic prompts (fixed,
+  cached per model). Its change after training is the forgetting.
+- Weight change: per tensor and per block, ||W - W0|| / ||W0|| (LoRA merged).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from trainer.data import Example, collate
+
+REFERENCE_PROMPTS = [
+    "The history of the Roman Empire",
+    "To bake a loaf of bread, you",
+    "Photosynthesis is the process by which",
+    "The most important rule of writing code is",
+    "In the winter, many birds",
+    "A good way to learn a new language is",
+    "The ocean covers most of the Earth and",
+    "When the train left the station,",
+]
+REFERENCE_TOKENS = 32
+
+
+def token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token NLL of predicting token t+1 from its prefix.
+
+    Returns ``(nll, target, valid, correct)``, each shaped [batch, len-1]: the loss,
+    whether the predicted token is a completion token, whether it is a real
+    (non-pad) token, and whether the argmax prediction equals it.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    labels = batch["input_ids"][:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="none").view_as(labels)
+    valid = batch["attention_mask"][:, 1:].bool()
+    target = batch["target"][:, 1:] & valid
+    correct = logits.argmax(-1) == labels
+    return nll, target, valid, correct
+
+
+def weighted_loss(nll: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, prompt_weight: float) -> torch.Tensor:
+    """Mean NLL with completion tokens weighted 1 and the other real tokens ``prompt_weight``."""
+    weights = target.float() + prompt_weight * (valid & ~target).float()
+    return (nll * weights).sum() / weights.sum().clamp_min(1e-8)
+
+
+@torch.no_grad()
+def evaluate(
+    model, examples: list[Example], *, pad_id: int, eos_id: int | None, batch_size: int, device
+) -> dict[str, float]:
+    """Completion loss, prompt loss, token accuracy and greedy exact match over ``examples``."""
+    was_training = model.training
+    model.eval()
+    sums = {"completion_nll": 0.0, "completion_tokens": 0, "prompt_nll": 0.0, "prompt_tokens": 0, "correct": 0, "exact": 0}
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
+        nll, target, valid, correct = token_nll(model, batch)
+        prompt = valid & ~target
+        sums["completion_nll"] += nll[target].sum().item()
+        sums["completion_tokens"] += int(target.sum())
+        sums["prompt_nll"] += nll[prompt].sum().item()
+        sums["prompt_tokens"] += int(prompt.sum())
+        sums["correct"] += int((correct & target).sum())
+        sums["exact"] += int(_exact_rows(correct, target, batch["input_ids"][:, 1:], eos_id).sum())
+    model.train(was_training)
+    n_tok = max(sums["completion_tokens"], 1)
+    return {
+        "loss": sums["completion_nll"] / n_tok,
+        "prompt_loss": sums["prompt_nll"] / max(sums["prompt_tokens"], 1),
+        "token_accuracy": sums["correct"] / n_tok,
+        "exact_match": sums["exact"] / max(len(examples), 1),
+    }
+
+
+def _exact_rows(correct: torch.Tensor, target: torch.Tensor, labels: torch.Tensor, eos_id: int | None) -> torch.Tensor:
+    """A row matches when every completion token except EOS is the argmax given the true prefix."""
+    required = target & (labels != eos_id) if eos_id is not None else target
+    return (correct | ~required).all(dim=1) & required.any(dim=1)
+
+
+# --- forgetting ---------------------------------------------------------------------
+
+
+def reference_set(model, tokenizer, cache_file: Path | None, *, device) -> list[Example]:
+    """The base model's greedy continuations of generic prompts, cached so every trial uses the same text."""
+    if cache_file is not None and cache_file.is_file():
+        rows = json.loads(cache_file.read_text())
+        return [Example(tuple(r["input_ids"]), tuple(r["target"]), "reference") for r in rows]
+    examples = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for prompt in REFERENCE_PROMPTS:
+            ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=REFERENCE_TOKENS,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )[0].tolist()
+            n = ids.shape[1]
+            examples.append(Example(tuple(out), tuple([False] * n + [True] * (len(out) - n)), "reference"))
+    model.train(was_training)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps([{"input_ids": e.input_ids, "target": e.target} for e in examples]))
+        tmp.replace(cache_file)
+    return examples
+
+
+# --- weight change ---------------------------------------------------------------------
+
+_BLOCK = re.compile(r"\.layers\.(\d+)\.")
+
+
+def weight_change(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> list[dict]:
+    """Per tensor: ||W - W0|| / ||W0||, with the block index it belongs to (None outside blocks)."""
+    rows = []
+    for name, w0 in before.items():
+        w = after.get(name)
+        if w is None:
+            continue
+        base = w0.float().norm().item()
+        delta = (w.float() - w0.float()).norm().item()
+        match = _BLOCK.search(name)
+        rows.append(
+            {
+                "name": name,
+                "block": int(match.group(1)) if match else None,
+                "numel": w0.numel(),
+                "rel_change": delta / base if base > 0 else float(delta > 0),
+            }
+        )
+    return rows
+
+
+def change_by_block(rows: list[dict]) -> list[dict]:
+    """Aggregate the table per block: the parameter-weighted mean relative change, and what share changed."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        key = f"block {row['block']}" if row["block"] is not None else row["name"].split(".")[-2]
+        groups.setdefault(key, []).append(row)
+    out = []
+    for key, members in groups.items():
+        total = sum(r["numel"] for r in members)
+        out.append(
+            {
+                "layer": key,
+                "rel_change": sum(r["rel_change"] * r["numel"] for r in members) / max(total, 1),
+                "changed_fraction": sum(r["numel"] for r in members if r["rel_change"] > 1e-7) / max(total, 1),
+            }
+        )
+    return out
