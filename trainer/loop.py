@@ -110,7 +110,7 @@ def train(
             bar.update(1)
             crossed = state.examples_seen // cfg.report_every > (state.examples_seen - cfg.examples_per_step) // cfg.report_every
             if crossed and state.step < total_steps:  # the last step's report is the final one, in _finish
-                _report(ctx, final=False)
+                _report(ctx)
                 bar.set_postfix(loss=f"{_ema(state, cfg):.3f}")
     except _Diverged as exc:
         status, reason = "diverged", str(exc)
@@ -174,7 +174,7 @@ def _train_step(ctx: _Ctx, stream, params, *, resumed: bool) -> None:
     state.train_time += time.perf_counter() - t0
 
 
-def _report(ctx: _Ctx, *, final: bool, extra: dict | None = None) -> dict:
+def _report(ctx: _Ctx, extra: dict | None = None) -> dict:
     cfg, state = ctx.cfg, ctx.state
     metrics = {
         "step": state.step,
@@ -190,7 +190,7 @@ def _report(ctx: _Ctx, *, final: bool, extra: dict | None = None) -> dict:
         **ctx.static,
     }
     due = cfg.eval_every is not None and state.examples_seen % cfg.eval_every < cfg.examples_per_step
-    if final or due:
+    if due and not (extra and "eval_loss" in extra):  # the final report brings its own eval
         t0 = time.perf_counter()
         ev = evaluate(ctx.model, ctx.eval_ex, pad_id=ctx.tokenizer.pad_token_id, eos_id=ctx.tokenizer.eos_token_id,
                       batch_size=_EVAL_BATCH, device=ctx.device)
@@ -224,7 +224,7 @@ def _finish(ctx: _Ctx, base: dict, w0: dict, method, status: str, reason: str, s
         # Report finite numbers: a diverged run's objective is min(last eval loss, l0).
         last = ctx.last_eval if ctx.last_eval is not None and math.isfinite(ctx.last_eval) else base["eval"]["loss"]
         final["eval_loss"] = min(last, base["eval"]["loss"])
-    metrics = _report(ctx, final=status == "completed", extra=final)
+    metrics = _report(ctx, extra=final)
     out = None
     if cfg.output_dir:
         from trainer.outputs import write_outputs
@@ -234,13 +234,15 @@ def _finish(ctx: _Ctx, base: dict, w0: dict, method, status: str, reason: str, s
 
 
 def _final_metrics(ctx: _Ctx, base: dict) -> dict[str, Any]:
-    """Memorization and forgetting after training, next to the base model's figures."""
-    cfg, out = ctx.cfg, {}
+    """Final eval loss, memorization and forgetting, next to the base model's figures."""
+    cfg = ctx.cfg
     t0 = time.perf_counter()
     kw = dict(pad_id=ctx.tokenizer.pad_token_id, eos_id=ctx.tokenizer.eos_token_id, batch_size=_EVAL_BATCH, device=ctx.device)
+    ev = evaluate(ctx.model, ctx.eval_ex, **kw)
+    ctx.last_eval = ev["loss"]
+    out: dict[str, Any] = {"eval_loss": ev["loss"], "eval_prompt_loss": ev["prompt_loss"]}
     if cfg.memorization:
         tr = evaluate(ctx.model, ctx.train_ex, **kw)
-        ev = evaluate(ctx.model, ctx.eval_ex, **kw)
         out.update(
             train_completion_loss=tr["loss"], train_prompt_loss=tr["prompt_loss"],
             train_token_accuracy=tr["token_accuracy"], train_exact_match=tr["exact_match"],

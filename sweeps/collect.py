@@ -1,0 +1,105 @@
+"""Read a sweep folder back into TrialRecords: Ray's per-trial result files, the stop reasons, the MLflow map.
+
+Works on a finished or interrupted sweep, without Ray running.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from sweeps.pruning import read_stops
+from sweeps.records import TrialRecord
+from sweeps.tracking import trial_outcome
+
+HISTORY_KEYS = (
+    "step", "examples_seen", "epoch", "train_loss", "train_loss_ema", "eval_loss", "grad_norm", "lr",
+    "tokens_per_s", "objective", "train_time_s", "eval_time_s",
+)
+
+
+def collect_records(sweep_dir: Path) -> list[TrialRecord]:
+    sweep_dir = Path(sweep_dir)
+    stops = read_stops(sweep_dir / "stops.jsonl")
+    mlflow_map = _json(sweep_dir / "mlflow.json").get("runs", {})
+    records = []
+    for trial_dir in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / "params.json").is_file()):
+        record = _record(trial_dir, stops, mlflow_map)
+        if record is not None:
+            records.append(record)
+    return sorted(records, key=lambda r: r.trial_id)
+
+
+def _record(trial_dir: Path, stops: dict, mlflow_map: dict) -> TrialRecord | None:
+    config = _json(trial_dir / "params.json")
+    results = _results(trial_dir / "result.json")
+    trial_id = results[-1].get("trial_id") if results else _trial_id_from_name(trial_dir.name)
+    if not trial_id:
+        return None
+    history = _dedupe([{k: _finite(r.get(k)) for k in HISTORY_KEYS if k in r} for r in results])
+    final = {k: v for k, v in (results[-1] if results else {}).items() if not k.startswith(("time_", "timestamp", "config"))}
+    error = _error(trial_dir)
+    outcome, reason = trial_outcome(final, stops.get(trial_id), error)
+    record = TrialRecord(
+        trial_id=trial_id, config=config, history=history, final=_finite(final),
+        stopped_by=stops.get(trial_id), error=error if outcome == "failed" and error else (reason if outcome == "failed" else None),
+        mlflow_run_id=mlflow_map.get(trial_id),
+    )
+    record.objective = _objective(final, outcome)
+    return record
+
+
+def _objective(final: dict, outcome: str) -> float | None:
+    value = final.get("objective")
+    if outcome == "failed" or value is None or not math.isfinite(value):
+        return None
+    l0 = final.get("l0")
+    return min(value, l0) if outcome == "diverged" and l0 is not None else value
+
+
+def _results(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a line cut short by a kill
+    return out
+
+
+def _dedupe(history: list[dict]) -> list[dict]:
+    """A retried trial re-reports from its checkpoint: keep the last entry for each examples_seen."""
+    by_step: dict[Any, dict] = {}
+    for row in history:
+        by_step[row.get("examples_seen")] = row
+    return sorted(by_step.values(), key=lambda r: r.get("examples_seen") or 0)
+
+
+def _error(trial_dir: Path) -> str | None:
+    path = trial_dir / "error.txt"
+    if not path.is_file():
+        return None
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else "the trial process failed"
+
+
+def _trial_id_from_name(name: str) -> str | None:
+    parts = name.split("_")
+    return f"{parts[2]}_{parts[3]}" if len(parts) > 3 else None
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -1,0 +1,243 @@
+"""Run a sweep: Ray Tune schedules, Optuna samples and prunes, MLflow records, then the map is drawn.
+
+``run_sweep(spec, ...)`` is what ``python sweeps/run.py SPEC.yaml`` calls.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sweeps.spec import SweepSpec
+from trainer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def tracking_uri(spec: SweepSpec) -> str:
+    """The spec's URI, else $MLFLOW_TRACKING_URI, else SQLite beside the sweeps: <output_dir>/mlflow.db."""
+    if spec.tracking.uri:
+        return spec.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(spec.output_dir).resolve() / 'mlflow.db'}"
+
+
+# Ray's own console output: its table prints every internal key and TensorBoard warnings; ours is sweeps.progress.
+_QUIET_RAY = {
+    "RAY_AIR_NEW_OUTPUT": "0",
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # we add the JSON logger (result.json) ourselves; no TensorBoard/CSV
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+    "RAY_DEDUP_LOGS": "0",
+}
+
+
+def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = None) -> Path:
+    """Run (or resume) the sweep; returns its folder. Raises UserError for bad input before any trial starts."""
+    for key, value in _QUIET_RAY.items():
+        os.environ.setdefault(key, value)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    sweep_dir = spec.sweep_dir()
+    resume = _check_resume(spec, sweep_dir, resume)
+    _preflight_data(spec)
+    _init_ray(spec, address)
+    _check_resources(spec)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "spec.json").write_text(json.dumps({"digest": spec.digest(), "spec": spec.model_dump(mode="json")}, indent=1))
+
+    from sweeps.tracking import MlflowWriter, Tracker, configure_client_timeouts
+
+    configure_client_timeouts()
+    uri = tracking_uri(spec)
+    tracker = Tracker(uri, spec.tracking.experiment or spec.name, sweep_dir, _artifact_root(spec, uri))
+    parent = _parent_run(spec, tracker)
+    writer = MlflowWriter(tracker, spec.name)
+    print(f"sweep {spec.name}: {'resuming' if resume else 'starting'} in {sweep_dir}", flush=True)
+    print(f"mlflow: {uri} (experiment {tracker.experiment!r})", flush=True)
+
+    tuner, n_total = _tuner(spec, sweep_dir, writer, resume)
+    t0 = time.time()
+    grid = tuner.fit()
+    wall = time.time() - t0
+
+    from sweeps.collect import collect_records
+    from sweeps.finish import finish_sweep
+
+    records = collect_records(sweep_dir)
+    finished = len([r for r in records if r.final.get("done") or r.error or r.stopped_by])
+    finish_sweep(spec, sweep_dir, records, tracker, parent, wall_s=wall)
+    if finished < n_total:
+        print(f"\nthe sweep stopped with {finished}/{n_total} trials finished; continue it with:\n"
+              f"  python sweeps/run.py {spec.source} --resume", flush=True)
+    return sweep_dir
+
+
+def _check_resume(spec: SweepSpec, sweep_dir: Path, resume: bool) -> bool:
+    state = sweep_dir / "spec.json"
+    exists = state.is_file() and any(sweep_dir.glob("tuner.pkl"))
+    if resume and not exists:
+        raise UserError(f"--resume: no sweep named {spec.name!r} in {sweep_dir.parent} to resume")
+    if exists:
+        saved = json.loads(state.read_text())
+        if saved.get("digest") != spec.digest():
+            raise UserError(
+                f"{spec.source}: sweep {spec.name!r} already exists in {sweep_dir} with a different spec; "
+                "give the sweep a new name (name=...) or delete that folder"
+            )
+        return True  # rerunning with the same name continues it
+    return False
+
+
+def _preflight_data(spec: SweepSpec) -> None:
+    """Read the data and the model before Ray starts: bad input fails in seconds, with nothing written."""
+    from trainer.data import load_records, split_records, tokenize
+    from trainer.models import load_tokenizer, resolve_model_dir
+
+    train = load_records(spec.data.train)
+    _, ev = split_records(train, spec.data.eval, spec.data.eval_fraction, 0)
+    model_dir = resolve_model_dir(spec.model)  # converts the packaged model once per machine
+    tokenize(train[:1] + ev[:1], load_tokenizer(model_dir), 4096)
+
+
+def _init_ray(spec: SweepSpec, address: str | None) -> None:
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {k: os.environ[k] for k in ("FINETUNE_SWEEPS_CACHE", "RAY_AUTH_MODE") if k in os.environ}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    common = dict(log_to_driver=False, logging_level=logging.ERROR, runtime_env={"env_vars": env})
+    if ray.is_initialized():
+        return
+    if address:
+        _check_reachable(address)
+        ray.init(address=address, **common)
+    else:
+        # address="local": never reattach to a stale cluster recorded in Ray's temp folder (it hangs for minutes)
+        ray.init(address="local", include_dashboard=False, **common)
+
+
+def _check_reachable(address: str) -> None:
+    if address == "auto" or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=10):
+            pass
+    except (OSError, ValueError):
+        raise UserError(f"--address {address}: no Ray head answers there (is `ray start --head` running?)") from None
+
+
+def _check_resources(spec: SweepSpec) -> None:
+    import ray
+
+    total = ray.cluster_resources()
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    for method in spec.methods:
+        need = spec.resources.for_method(method)
+        fits = any(n.get("CPU", 0) >= need["cpu"] and n.get("GPU", 0) >= need["gpu"] for n in nodes)
+        if not fits:
+            raise UserError(
+                f"{spec.source}: resources for method {method} ask for cpu={need['cpu']:g}, gpu={need['gpu']:g} per trial, "
+                f"but no node has that much (cluster: {total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU)"
+            )
+
+
+def _artifact_root(spec: SweepSpec, uri: str) -> str | None:
+    if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
+        return (Path(spec.output_dir).resolve() / "mlartifacts" / (spec.tracking.experiment or spec.name)).as_uri()
+    return None
+
+
+def _parent_run(spec: SweepSpec, tracker) -> str | None:
+    from trainer.outputs import provenance
+
+    prov = provenance()
+    tags = {"sweep": spec.name, "spec_digest": spec.digest(), "git_sha": prov["git_sha"] or "unknown",
+            **{f"version.{k}": v for k, v in prov["versions"].items()}, "role": "sweep"}
+    try:
+        parent = tracker.parent_run(spec.model_dump(mode="json"), tags)
+    except Exception as exc:  # the sweep still runs without tracking; trials are queued for replay
+        print(f"mlflow: could not create the sweep's parent run at {tracker.uri}: {exc}", flush=True)
+        return None
+    if spec.source and Path(spec.source).is_file():
+        tracker.submit({"op": "artifact", "trial": None, "path": str(Path(spec.source).resolve()), "dest": "spec"})
+    return parent
+
+
+def _tuner(spec: SweepSpec, sweep_dir: Path, writer, resume: bool):
+    import optuna
+    from ray import tune
+    from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig
+    from ray.tune.logger import JsonLoggerCallback
+
+    from sweeps.progress import ProgressPrinter
+    from sweeps.pruning import PruningSearch, make_pruner
+    from sweeps.space import DefineByRun, GridSpace, grid_sampler, n_trials
+    from sweeps.trial import run_trial
+    from trainer.config import TrainConfig
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    base = TrainConfig.model_validate(spec.base_train())
+    total_examples = base.max_steps * base.examples_per_step if base.max_steps else None
+    if total_examples is None:
+        from trainer.data import load_records
+
+        total_examples = math.ceil(base.epochs * len(load_records(spec.data.train)))
+    trainable = tune.with_parameters(
+        run_trial, base=spec.base_train(), metric=spec.search.metric, checkpoint_every=spec.failure.checkpoint_every
+    )
+    resources = _ResourcesFor(spec)
+    trainable = tune.with_resources(trainable, resources)
+    n_total = n_trials(spec)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{sweep_dir / 'optuna.db'}")
+    if spec.search.algorithm == "grid":
+        space = GridSpace(spec)
+        sampler = grid_sampler(spec, spec.search.seed)
+    else:
+        space = DefineByRun(spec)
+        sampler = (optuna.samplers.TPESampler(seed=spec.search.seed) if spec.search.algorithm == "tpe"
+                   else optuna.samplers.RandomSampler(seed=spec.search.seed))
+    progress = ProgressPrinter(n_total, spec.search.metric, sweep_dir / "stops.jsonl")
+    if resume:
+        # Ray restores the searcher (the Optuna study and its trial map) and the stopper from the sweep folder
+        return tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True), n_total
+    bridge = PruningSearch(
+        spec, space=space, sampler=sampler, storage=storage,
+        pruner=make_pruner(spec.pruning, base.report_every, total_examples),
+        stops_file=sweep_dir / "stops.jsonl", report_every=base.report_every,
+    )
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=TuneConfig(search_alg=bridge, num_samples=n_total, max_concurrent_trials=spec.search.max_concurrent,
+                               reuse_actors=False),
+        run_config=RunConfig(
+            name=spec.name, storage_path=str(sweep_dir.parent), stop=bridge, callbacks=[JsonLoggerCallback(), writer, progress],
+            failure_config=FailureConfig(max_failures=spec.failure.max_retries),
+            checkpoint_config=CheckpointConfig(num_to_keep=1), verbose=0,
+        ),
+    )
+    return tuner, n_total
+
+
+class _ResourcesFor:
+    """Per-trial resources by method (picklable): LoRA and last-layer trials may share a GPU, full ones not."""
+
+    def __init__(self, spec: SweepSpec):
+        self.resources = spec.resources
+        self.default_method = spec.methods[0]
+
+    def __call__(self, config: dict[str, Any]):
+        from ray.tune import PlacementGroupFactory
+
+        need = self.resources.for_method(config.get("method", self.default_method))
+        bundle = {"CPU": need["cpu"]}
+        if need["gpu"]:
+            bundle["GPU"] = need["gpu"]
+        return PlacementGroupFactory([bundle])

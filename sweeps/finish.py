@@ -1,0 +1,72 @@
+"""The end of a sweep: classify every curve, write trials.json, print the summary, draw the map, log it all."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from sweeps.records import TrialRecord, save_records
+from sweeps.spec import SweepSpec
+
+
+def finish_sweep(spec: SweepSpec, sweep_dir: Path, records: list[TrialRecord], tracker, parent: str | None, *, wall_s: float) -> None:
+    from sweeps.classify import classify_all
+    from sweeps.report import build_report
+
+    classify_all(records)
+    save_records(records, sweep_dir / "trials.json")
+    for r in records:
+        if r.outcome:
+            tracker.submit({"op": "tags", "trial": r.trial_id, "tags": {"classification": r.outcome, "evidence": r.evidence or ""}})
+    print()
+    print(summary_table(records, spec.search.metric))
+    report = build_report(records, sweep_dir / "report", title=f"sweep {spec.name}")
+    print("\nfindings:")
+    for line in report.findings:
+        print(f"  - {line}")
+    if parent:
+        for path in [*report.figures, report.html, sweep_dir / "trials.json"]:
+            tracker.submit({"op": "artifact", "trial": None, "path": str(path), "dest": "report"})
+        tracker.submit({"op": "text", "trial": None, "text": "\n".join(report.findings), "file": "report/findings.txt"})
+        tracker.submit({"op": "tags", "trial": None, "tags": {"wall_s": f"{wall_s:.1f}", "trials": str(len(records))}})
+    best = best_record(records, spec.search.mode)
+    if best is not None:
+        c = best.config
+        print(f"\nbest: {best.trial_id} {c.get('method')} lr={c.get('learning_rate', float('nan')):.3g} "
+              f"bs={c.get('batch_size', '-')}  {spec.search.metric}={best.objective:.4f}")
+        print(f"export it:  python scripts/export_best.py {sweep_dir}")
+    print(f"report:     {report.html}")
+    left = tracker.flush()
+    if left:
+        print(f"mlflow: {left} operation(s) could not be logged to {tracker.uri}; they are kept in "
+              f"{sweep_dir / 'mlflow_pending.jsonl'} and replayed by rerunning with --resume")
+    print(f"browse:     {ui_command(tracker.uri)}")
+    print(f"wall time:  {wall_s:.0f} s for {len(records)} trials")
+
+
+def best_record(records: list[TrialRecord], mode: str = "min", method: str | None = None) -> TrialRecord | None:
+    """The best completed trial (pruned, diverged and failed trials never count)."""
+    ok = [r for r in records if r.outcome not in ("pruned", "diverged", "failed") and r.objective is not None
+          and r.final.get("status") == "completed" and (method is None or r.method == method)]
+    if not ok:
+        return None
+    return (min if mode == "min" else max)(ok, key=lambda r: r.objective)
+
+
+def ui_command(uri: str) -> str:
+    if uri.startswith("http"):
+        return f"open {uri} in a browser"
+    return f"bash mlflow/serve {uri}    (then open http://127.0.0.1:5000)"
+
+
+def summary_table(records: list[TrialRecord], metric: str) -> str:
+    head = f"{'trial':<14}{'method':<12}{'lr':>9}{'bs':>4}{'epochs':>7}  {'outcome':<12}{metric:>10}{'steps':>7}  evidence"
+    lines = [head, "-" * len(head)]
+    for r in sorted(records, key=lambda r: (r.method, r.learning_rate, r.config.get("batch_size", 0))):
+        c = r.config
+        value = f"{r.objective:.4f}" if r.objective is not None and math.isfinite(r.objective) else "-"
+        steps = r.history[-1].get("step", "-") if r.history else "-"
+        lines.append(
+            f"{r.trial_id:<14}{r.method:<12}{c.get('learning_rate', float('nan')):>9.2g}{c.get('batch_size', '-'):>4}"
+            f"{str(c.get('epochs', '-')):>7}  {r.outcome or '?':<12}{value:>10}{steps:>7}  {(r.evidence or '')[:70]}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,64 @@
+"""Live progress on the terminal: one line per finished trial and a running tally.
+
+Ray's own table is switched off (``verbose=0``): it prints every internal key.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+from ray.tune import Callback
+
+
+class ProgressPrinter(Callback):
+    def __init__(self, n_total: int, metric: str, stops_file):
+        self.n_total, self.metric, self.stops_file = n_total, metric, stops_file
+        self.done = 0
+        self.best: tuple[float, str] | None = None
+        self.t0 = time.time()
+        self._last_tick = 0.0
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        print(f"[{self._clock()}] start   {_label(trial)}", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._finish(trial, trials, error=False)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._finish(trial, trials, error=True)
+
+    def on_step_end(self, iteration, trials, **info):
+        now = time.time()
+        if now - self._last_tick > 30:
+            self._last_tick = now
+            running = sum(t.status == "RUNNING" for t in trials)
+            print(f"[{self._clock()}] {self.done}/{self.n_total} done, {running} running", flush=True)
+
+    def _finish(self, trial, trials, error: bool) -> None:
+        from sweeps.pruning import read_stops
+        from sweeps.tracking import trial_outcome
+
+        self.done += 1
+        last = trial.last_result or {}
+        stop = read_stops(self.stops_file).get(trial.trial_id)
+        outcome, reason = trial_outcome(last, stop, "the trial process failed" if error else None)
+        value = last.get(self.metric, last.get("objective"))
+        shown = f"{self.metric} {value:.4f}" if isinstance(value, float) and math.isfinite(value) else ""
+        if outcome == "completed" and isinstance(value, float) and (self.best is None or value < self.best[0]):
+            self.best = (value, _label(trial))
+        print(f"[{self._clock()}] {outcome:<9} {_label(trial)}  {shown}  {reason}  ({self.done}/{self.n_total})", flush=True)
+
+    def _clock(self) -> str:
+        s = int(time.time() - self.t0)
+        return f"{s // 60:02d}:{s % 60:02d}"
+
+
+def _label(trial) -> str:
+    c = trial.config
+    parts = [trial.trial_id.split("_")[-1], str(c.get("method", ""))]
+    if "learning_rate" in c:
+        parts.append(f"lr={c['learning_rate']:.2g}")
+    for key in ("batch_size", "epochs", "lora_r"):
+        if key in c:
+            parts.append(f"{key.split('_')[0] if key != 'lora_r' else 'r'}={c[key]}")
+    return " ".join(parts)

@@ -1,0 +1,192 @@
+"""The pruning bridge: Optuna decides, Ray stops the trial.
+
+Ray's ``OptunaSearch`` forwards intermediate values to Optuna but never asks
+``should_prune()``. ``PruningSearch`` is an ``OptunaSearch`` that is also a Ray
+Tune ``Stopper`` (public API): passed as ``TuneConfig(search_alg=...)`` and
+``RunConfig(stop=...)``, it
+
+1. applies the divergence rules (always on) to every result;
+2. reports the intermediate value at ``step = examples_seen`` (the same
+   progress axis for every batch size) and asks the study's pruner;
+3. returns True to stop the trial, and remembers why;
+4. tells Optuna ``PRUNED`` (not COMPLETE with a partial value) for every
+   stopped or diverged trial, and ``FAIL`` for failed ones.
+
+Reasons are appended to ``stops.jsonl`` in the sweep folder, so they survive
+a driver crash and a resume. After ``Tuner.restore`` Ray unpickles the
+searcher and the stopper as two objects; the stopper then delegates to the
+live searcher (found by study name), so one object keeps deciding.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune import Stopper
+from ray.tune.search.optuna import OptunaSearch
+
+from sweeps.spec import Pruning, SweepSpec
+
+log = logging.getLogger(__name__)
+_LIVE: dict[str, "PruningSearch"] = {}
+
+
+class DivergenceMonitor:
+    """The divergence rules for one trial, fed one report at a time."""
+
+    def __init__(self, factor: float, spike: float, min_reports: int):
+        self.factor, self.spike, self.min_reports = factor, spike, min_reports
+        self.reports = 0
+        self.ema_min = math.inf
+        self.loss_max = -math.inf
+
+    def update(self, result: dict[str, Any]) -> str | None:
+        """The reason, if this report shows divergence; None otherwise."""
+        self.reports += 1
+        seen = result.get("examples_seen", "?")
+        if result.get("status") == "diverged":
+            return f"diverged: {result.get('reason') or 'reported by the trainer'}"
+        loss, ema, norm = result.get("train_loss"), result.get("train_loss_ema"), result.get("grad_norm")
+        for name, value in (("loss", loss), ("smoothed loss", ema), ("grad norm", norm)):
+            if value is not None and not math.isfinite(value):
+                return f"diverged: non-finite {name} at {seen} examples"
+        if loss is not None:
+            if self.loss_max > 0 and loss > self.spike * self.loss_max:
+                return f"diverged: loss {loss:.3g} jumped past {self.spike:g}x the largest so far ({self.loss_max:.3g}) at {seen} examples"
+            self.loss_max = max(self.loss_max, loss)
+        if ema is not None:
+            self.ema_min = min(self.ema_min, ema)
+            if self.reports >= self.min_reports and ema > self.factor * self.ema_min:
+                return f"diverged: smoothed loss {ema / self.ema_min:.1f}x its minimum at {seen} examples"
+        return None
+
+
+def make_pruner(p: Pruning, report_every: int, total_examples: int) -> optuna.pruners.BasePruner:
+    """The spec's rule as an Optuna pruner over steps measured in examples seen."""
+    warmup = p.warmup_reports * report_every
+    if p.rule == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials, n_warmup_steps=warmup)
+    if p.rule == "percentile":
+        return optuna.pruners.PercentilePruner(p.percentile, n_startup_trials=p.startup_trials, n_warmup_steps=warmup)
+    if p.rule == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(warmup, report_every), reduction_factor=3)
+    if p.rule == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(warmup, report_every), max_resource=total_examples)
+    return optuna.pruners.NopPruner()
+
+
+class PruningSearch(OptunaSearch, Stopper):
+    """OptunaSearch + Stopper: see the module docstring."""
+
+    def __init__(self, spec: SweepSpec, *, space, sampler, storage, pruner, stops_file: Path, report_every: int):
+        super().__init__(
+            space=space, metric="objective", mode=spec.search.mode, sampler=sampler,
+            storage=storage, study_name=spec.name,
+        )
+        self._ot_study.pruner = pruner
+        self._key = spec.name
+        self._pruning = spec.pruning
+        self._report_every = report_every
+        self._stops_file = str(stops_file)
+        self._monitors: dict[str, DivergenceMonitor] = {}
+        self._stopped: dict[str, str] = {}
+        _LIVE[self._key] = self
+
+    # --- the live object ------------------------------------------------------------
+    def _live(self) -> "PruningSearch":
+        return _LIVE.get(self._key, self)
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self._stopped.update(read_stops(Path(self._stops_file)))
+        _LIVE[self._key] = self
+
+    def suggest(self, trial_id: str):
+        _LIVE[self._key] = self
+        return super().suggest(trial_id)
+
+    # --- Stopper ----------------------------------------------------------------------
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        return self._live()._decide(trial_id, result)
+
+    def stop_all(self) -> bool:
+        return False
+
+    def _decide(self, trial_id: str, result: dict[str, Any]) -> bool:
+        if trial_id in self._stopped:
+            return True
+        d = self._pruning.divergence
+        monitor = self._monitors.setdefault(trial_id, DivergenceMonitor(d.factor, d.spike, d.min_reports))
+        reason = monitor.update(result)
+        if reason is None and not result.get("done"):
+            reason = self._ask_pruner(trial_id, result)
+        if reason is None:
+            return False
+        self._stopped[trial_id] = reason
+        _append_stop(Path(self._stops_file), trial_id, reason)
+        return True
+
+    def _ask_pruner(self, trial_id: str, result: dict[str, Any]) -> str | None:
+        ot_trial = self._ot_trials.get(trial_id)
+        value, step = result.get(self._pruning.metric), result.get("examples_seen")
+        if ot_trial is None or value is None or step is None or not math.isfinite(value):
+            return None
+        ot_trial.report(float(value), int(step))
+        if ot_trial.should_prune():
+            return f"pruned: {self._pruning.rule} at {step} examples"
+        return None
+
+    # --- Searcher ---------------------------------------------------------------------
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        """Intermediate values are reported in the stopper role (it runs first), not here."""
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        live = self._live()
+        if live is not self:
+            return live.on_trial_complete(trial_id, result, error)
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        status = (result or {}).get("status")
+        value = (result or {}).get("objective")
+        if error or status == "failed":
+            state, value = TrialState.FAIL, None
+        elif trial_id in self._stopped or status == "diverged" or value is None or not math.isfinite(value):
+            state, value = TrialState.PRUNED, None
+        else:
+            state = TrialState.COMPLETE
+        try:
+            self._ot_study.tell(ot_trial, value, state=state)
+        except Exception as exc:  # a trial already told (e.g. after a resume) must not stop the sweep
+            log.warning("optuna: could not record trial %s as %s: %s", trial_id, state.name, exc)
+        self._completed_trials.add(trial_id)
+
+    def stop_reason(self, trial_id: str) -> str | None:
+        return self._live()._stopped.get(trial_id)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_monitors"] = {}
+        return state
+
+
+def _append_stop(path: Path, trial_id: str, reason: str) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps({"trial_id": trial_id, "reason": reason}) + "\n")
+
+
+def read_stops(path: Path) -> dict[str, str]:
+    """trial_id -> the reason it was stopped (the last one recorded)."""
+    if not path.is_file():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            out[row["trial_id"]] = row["reason"]
+    return out

@@ -1,0 +1,87 @@
+"""The instability map of a finished sweep, on demand.
+
+    python sweeps/report.py SWEEP          # SWEEP: the sweep folder, or its MLflow experiment name
+    python sweeps/report.py sweeps_out/lr-instability --out /tmp/report
+
+Writes PNG figures (map, loss curves, per-method panel, what fine-tuning
+changed) and one self-contained HTML file, and prints the diagnosis.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+if __name__ == "__main__" and __package__ in (None, ""):
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script: import the package, not siblings
+
+from trainer.errors import UserError, cli_errors
+
+
+@dataclass
+class Report:
+    figures: list[Path]
+    html: Path
+    findings: list[str]
+
+
+def build_report(records, out_dir: Path, *, title: str) -> Report:
+    """Draw every figure and the HTML report for classified records; never fails on missing data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from sweeps import figures
+    from sweeps.analysis import diagnose
+    from sweeps.html_report import write_html
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    findings = diagnose(records)
+    paths = [
+        figures.map_figure(records, out_dir / "map.png"),
+        figures.curves_figure(records, out_dir / "curves.png"),
+        figures.method_panel_figure(records, out_dir / "methods.png"),
+        figures.changes_figure(records, out_dir / "changes.png"),
+    ]
+    html = out_dir / "report.html"
+    write_html(records, paths, findings, html, title)
+    return Report(paths, html, findings)
+
+
+def load_sweep(target: str):
+    """Records of a sweep folder (trials.json, or the raw trial folders) or of an MLflow experiment name."""
+    from sweeps.classify import classify_all
+    from sweeps.collect import collect_records
+    from sweeps.records import load_records
+
+    path = Path(target)
+    if path.is_dir():
+        records = load_records(path / "trials.json") if (path / "trials.json").is_file() else collect_records(path)
+        if not records:
+            raise UserError(f"{target}: no trials found in this folder")
+        if any(r.outcome is None for r in records):
+            classify_all(records)
+        return records, path
+    from sweeps.mlflow_records import records_from_experiment
+
+    return records_from_experiment(target)
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python sweeps/report.py", description="Draw the instability map of a sweep.")
+    parser.add_argument("sweep", help="the sweep folder (e.g. sweeps_out/lr-instability) or its MLflow experiment name")
+    parser.add_argument("--out", help="where to write the figures and report.html (default: SWEEP/report)")
+    args = parser.parse_args(argv)
+    records, where = load_sweep(args.sweep)
+    out = Path(args.out) if args.out else Path(where) / "report"
+    report = build_report(records, out, title=f"sweep {Path(str(where)).name}")
+    for line in report.findings:
+        print(f"- {line}")
+    print(f"report: {report.html}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Run a fine-tuning sweep.
+
+    python sweeps/run.py search_spaces/lr.yaml
+    python sweeps/run.py search_spaces/lr.yaml search.n_trials=8 train.epochs=1
+    python sweeps/run.py search_spaces/smoke.yaml --dry-run
+    python sweeps/run.py search_spaces/lr.yaml --resume
+    python sweeps/run.py search_spaces/lr.yaml --address 10.0.0.5:6379     # join a Ray cluster
+
+Ray Tune schedules the trials, Optuna samples and prunes, MLflow records every
+loss curve; at the end each curve is classified and the instability map drawn.
+Bad input exits with code 2 and one message naming the file and key.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and __package__ in (None, ""):
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script: import the package, not siblings
+
+from trainer.errors import cli_errors
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python sweeps/run.py", description="Run a fine-tuning sweep.")
+    parser.add_argument("spec", help="sweep spec (YAML), e.g. search_spaces/lr.yaml")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, checked against the schema")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    parser.add_argument("--address", help="join this Ray cluster (default: $RAY_ADDRESS, else a fresh local Ray)")
+    parser.add_argument("--dry-run", action="store_true", help="validate, print the trials or the space, run nothing")
+    args = parser.parse_args(argv)
+
+    from sweeps.spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    if args.dry_run:
+        from sweeps.space import describe
+
+        print(describe(spec))
+        print(f"sweep folder: {spec.sweep_dir()}")
+        return 0
+    from trainer.quiet import quiet_libraries
+
+    quiet_libraries()
+    from sweeps.driver import run_sweep
+
+    run_sweep(spec, resume=args.resume, address=args.address)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The search space: the spec's dimensions as an Optuna define-by-run function, or as a grid.
+
+OptunaSearch accepts a callable ``space(trial)``; it samples conditional
+parameters (``lora_r`` only when ``method`` is lora) and per-method ranges.
+For ``algorithm: grid`` the cells are enumerated here (per-method grids and
+conditions included) and Optuna's GridSampler walks the cell index; the cell's
+values are set as user attributes so the study shows them.
+"""
+from __future__ import annotations
+
+
+from typing import Any
+
+from sweeps.spec import Dimension, SweepSpec
+
+# method first, so per-method ranges and `when: {method: ...}` conditions can see it
+def _order(spec: SweepSpec) -> list[str]:
+    keys = list(spec.space)
+    return sorted(keys, key=lambda k: (k != "method", bool(spec.space[k].when), keys.index(k)))
+
+
+def _active(dim: Dimension, chosen: dict[str, Any]) -> bool:
+    return not dim.when or all(chosen.get(k) in v for k, v in dim.when.items())
+
+
+class DefineByRun:
+    """Picklable define-by-run space for tpe/random: ``space(trial) -> None`` (values via suggest_*)."""
+
+    def __init__(self, spec: SweepSpec):
+        self.space = {k: spec.space[k] for k in _order(spec)}
+        self.default_method = spec.methods[0]
+
+    def __call__(self, trial) -> None:
+        chosen: dict[str, Any] = {}
+        for name, dim in self.space.items():
+            if not _active(dim, chosen):
+                continue
+            if dim.values is not None:
+                chosen[name] = trial.suggest_categorical(name, dim.values)
+                continue
+            rng = dim.range_for(chosen.get("method", self.default_method))
+            if rng.integer:
+                chosen[name] = trial.suggest_int(name, int(rng.low), int(rng.high), log=rng.log)
+            else:
+                chosen[name] = trial.suggest_float(name, rng.low, rng.high, log=rng.log)
+
+
+def grid_cells(spec: SweepSpec) -> list[dict[str, Any]]:
+    """Every cell of the grid, in a stable order (conditions and per-method grids applied)."""
+    cells: list[dict[str, Any]] = [{}]
+    for name in _order(spec):
+        dim = spec.space[name]
+        grown = []
+        for cell in cells:
+            if not _active(dim, cell):
+                grown.append(cell)
+                continue
+            values = dim.values if dim.values is not None else dim.range_for(cell.get("method", spec.methods[0])).grid_points()
+            grown.extend({**cell, name: v} for v in values)
+        cells = grown
+    return cells
+
+
+class GridSpace:
+    """Define-by-run for GridSampler: one categorical ``cell`` index; returns the cell's values."""
+
+    def __init__(self, spec: SweepSpec):
+        self.cells = grid_cells(spec)
+
+    def __call__(self, trial) -> dict[str, Any]:
+        index = trial.suggest_categorical("cell", list(range(len(self.cells))))
+        cell = self.cells[index]
+        for key, value in cell.items():
+            trial.set_user_attr(key, value)
+        return dict(cell)
+
+
+def corner_configs(spec: SweepSpec) -> list[tuple[str, dict[str, Any]]]:
+    """Values to check against TrainConfig before anything runs: each categorical value and range end."""
+    out: list[tuple[str, dict[str, Any]]] = [("train", {})]
+    for name, dim in spec.space.items():
+        if dim.values is not None:
+            out.extend((f"space.{name}={v!r}", {name: v}) for v in dim.values)
+            continue
+        ranges = list((dim.per_method or {}).items())
+        if dim.low is not None:
+            ranges.append((None, dim.range_for(None)))
+        for method, rng in ranges:
+            extra = {"method": method} if method else {}
+            for end in (rng.low, rng.high):
+                value = int(end) if rng.integer else end
+                out.append((f"space.{name}={value!r}" + (f" (method {method})" if method else ""), {name: value, **extra}))
+    return out
+
+
+def n_trials(spec: SweepSpec) -> int:
+    if spec.search.algorithm == "grid":
+        return spec.search.n_trials or len(grid_cells(spec))
+    return spec.search.n_trials or 20
+
+
+def describe(spec: SweepSpec) -> str:
+    """What a dry run prints: the grid's trials, or the space to be sampled."""
+    lines = [f"sweep {spec.name}: {spec.search.algorithm}, {n_trials(spec)} trial(s), model {spec.model}"]
+    if spec.search.algorithm == "grid":
+        cells = grid_cells(spec)
+        keys = sorted({k for c in cells for k in c}, key=lambda k: (k != "method", k))
+        lines.append("  ".join(f"{k:>14}" for k in ["#", *keys]))
+        for i, cell in enumerate(cells[: n_trials(spec)]):
+            lines.append("  ".join(f"{_fmt(v):>14}" for v in [i, *(cell.get(k, "-") for k in keys)]))
+    else:
+        for name in _order(spec):
+            dim = spec.space[name]
+            if dim.values is not None:
+                what = f"one of {dim.values}"
+            else:
+                parts = [f"{m}: {_range_text(r)}" for m, r in (dim.per_method or {}).items()]
+                if dim.low is not None:
+                    parts.append(("others: " if parts else "") + _range_text(dim.range_for(None)))
+                what = "; ".join(parts)
+            cond = f"  (when {dim.when})" if dim.when else ""
+            lines.append(f"  {name}: {what}{cond}")
+    return "\n".join(lines)
+
+
+def _range_text(r) -> str:
+    return f"{r.low:g} .. {r.high:g}{' log' if r.log else ''}{' int' if r.integer else ''}"
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+
+
+def grid_sampler(spec: SweepSpec, seed: int):
+    """Optuna's GridSampler over the cell index, minus its ``study.stop()`` at the end of the grid.
+
+    GridSampler stops the study from ``after_trial`` once every cell was handed
+    out; outside ``study.optimize`` (ask/tell, as Ray drives it) that raises
+    inside ``tell`` before the trial's state is stored, so the last trials were
+    never recorded. Ray's ``num_samples`` bounds the sweep instead.
+    """
+    return _NoStopGridSampler({"cell": list(range(len(grid_cells(spec))))}, seed=seed)
+
+
+def _grid_base():
+    import optuna
+
+    return optuna.samplers.GridSampler
+
+
+class _NoStopGridSampler(_grid_base()):
+    def after_trial(self, study, trial, state, values) -> None:
+        return None

@@ -1,0 +1,274 @@
+"""The sweep spec: YAML validated once, at the boundary, into typed objects.
+
+    spec = load_spec("search_spaces/lr.yaml", overrides=["search.n_trials=8"])
+
+Unknown keys are errors; every problem is reported at once, naming the file,
+the key path and the bad value (exit code 2 through the CLI). Relative data
+paths are resolved against the spec's folder. No raw dict travels further:
+trials get ``TrainConfig`` objects built from ``spec.train`` plus the sampled
+values (see ``sweeps.space``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from trainer.config import TrainConfig
+from trainer.errors import UserError
+from trainer.methods import METHODS
+from trainer.yamlio import apply_overrides, read_yaml, validation_message
+
+_STRICT = ConfigDict(extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class Range(BaseModel):
+    """A numeric range, optionally per method (LoRA's good LRs sit ~10x above full fine-tuning's)."""
+
+    model_config = _STRICT
+    low: float
+    high: float
+    log: bool = False  # sample (and grid) on a log scale; both bounds must be > 0
+    integer: bool = Field(False, alias="int")  # integer-valued (batch_size, lora_r, ...)
+    grid: int | None = Field(None, ge=1)  # points for algorithm: grid (log-spaced when log)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Range":
+        if self.low > self.high:
+            raise ValueError(f"low <= high must hold, but got (low={self.low}, high={self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, but got low={self.low}")
+        return self
+
+    def grid_points(self) -> list[float]:
+        n = self.grid or 1
+        if n == 1:
+            return [self.low]
+        if self.log:
+            lo, hi = math.log10(self.low), math.log10(self.high)
+            pts = [10 ** (lo + (hi - lo) * i / (n - 1)) for i in range(n)]
+        else:
+            pts = [self.low + (self.high - self.low) * i / (n - 1) for i in range(n)]
+        return [round(p) for p in pts] if self.integer else [float(f"{p:.3g}") for p in pts]
+
+
+class Dimension(BaseModel):
+    """One searched trainer field: a list of values, or a range (either may apply per method or only when...)."""
+
+    model_config = _STRICT
+    values: list[Any] | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    integer: bool = Field(False, alias="int")
+    grid: int | None = Field(None, ge=1)
+    per_method: dict[str, Range] | None = None  # a range for each method; methods not named use low/high
+    when: dict[str, list[Any]] | None = None  # sampled only when another field has one of these values
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"values": data} if isinstance(data, list) else data
+
+    @model_validator(mode="after")
+    def _shape(self) -> "Dimension":
+        has_range = self.low is not None or self.high is not None
+        if self.values is not None and (has_range or self.per_method):
+            raise ValueError("give either values or a range (low/high, per_method), not both")
+        if self.values is None and not has_range and not self.per_method:
+            raise ValueError("a dimension needs values: [...] or low/high")
+        if self.values is not None and not self.values:
+            raise ValueError("values must not be empty")
+        if has_range:
+            Range(low=self.low, high=self.high, log=self.log, integer=self.integer, grid=self.grid)  # validates
+        for name in self.per_method or {}:
+            if name not in METHODS:
+                raise ValueError(f"per_method: unknown method {name!r}; choose from {', '.join(METHODS)}")
+        return self
+
+    def range_for(self, method: str | None) -> Range:
+        if self.per_method and method in self.per_method:
+            r = self.per_method[method]
+            return r if r.grid or not self.grid else r.model_copy(update={"grid": self.grid})
+        if self.low is None:
+            raise ValueError(f"no range for method {method!r}")
+        return Range(low=self.low, high=self.high, log=self.log, integer=self.integer, grid=self.grid)
+
+
+class Search(BaseModel):
+    model_config = _STRICT
+    algorithm: Literal["tpe", "random", "grid"] = "tpe"
+    metric: str = "eval_loss"  # the objective, read from each trial's final report
+    mode: Literal["min", "max"] = "min"
+    n_trials: int | None = Field(None, ge=1)  # tpe/random: how many trials; grid: the grid's size when None
+    seed: int = 0
+    max_concurrent: int | None = Field(None, ge=1)  # None = as many as the resources allow
+
+
+class Divergence(BaseModel):
+    model_config = _STRICT
+    factor: float = Field(4.0, gt=1)  # smoothed loss > factor x its running minimum (fastai, Lightning LR finders)
+    spike: float = Field(10.0, gt=1)  # one report's loss > spike x the largest loss seen so far (Megatron)
+    min_reports: int = Field(1, ge=1)  # reports before the factor rule may fire
+
+
+class Pruning(BaseModel):
+    model_config = _STRICT
+    divergence: Divergence = Divergence()  # always on
+    rule: Literal["none", "median", "percentile", "successive_halving", "hyperband"] = "median"
+    metric: str = "train_loss_ema"  # intermediate value the rule compares, at equal examples_seen
+    warmup_reports: int = Field(2, ge=0)  # reports before the rule may prune a trial
+    startup_trials: int = Field(4, ge=0)  # finished trials before the rule starts pruning
+    percentile: float = Field(25.0, gt=0, lt=100)  # for rule: percentile
+
+
+class Resources(BaseModel):
+    model_config = _STRICT
+    cpu: float = Field(1, gt=0)
+    gpu: float = Field(0, ge=0)  # fractional is allowed: accounting only, not memory isolation
+    per_method: dict[str, dict[Literal["cpu", "gpu"], float]] | None = None
+
+    @field_validator("per_method")
+    @classmethod
+    def _methods(cls, value):
+        for name, res in (value or {}).items():
+            if name not in METHODS:
+                raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+            if any(v < 0 for v in res.values()):
+                raise ValueError(f"{name}: resources must be >= 0, got {res}")
+        return value
+
+    def for_method(self, method: str) -> dict[str, float]:
+        res = {"cpu": self.cpu, "gpu": self.gpu}
+        res.update((self.per_method or {}).get(method, {}))
+        return res
+
+
+class Failure(BaseModel):
+    model_config = _STRICT
+    max_retries: int = Field(1, ge=0)  # Ray retries a crashed trial from its last checkpoint
+    checkpoint_every: int = Field(2, ge=0)  # reports between checkpoints (trainable weights only); 0 = none
+
+
+class Tracking(BaseModel):
+    model_config = _STRICT
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<sweep dir>/mlflow.db
+    experiment: str | None = None  # None: the sweep's name
+
+
+class Data(BaseModel):
+    model_config = _STRICT
+    train: str = "builtin:facts"
+    eval: str | None = "builtin:facts-heldout"
+    eval_fraction: float = Field(0.0, ge=0, lt=1)
+
+
+class SweepSpec(BaseModel):
+    model_config = _STRICT
+    name: str
+    model: str = "smollm2-135m"
+    data: Data = Data()
+    train: dict[str, Any] = {}  # fixed TrainConfig fields for every trial
+    search: Search = Search()
+    space: dict[str, Dimension]
+    pruning: Pruning = Pruning()
+    resources: Resources = Resources()
+    failure: Failure = Failure()
+    tracking: Tracking = Tracking()
+    output_dir: str = "sweeps_out"  # the sweep's folder is <output_dir>/<name>
+    source: str | None = None  # the spec file, filled in by load_spec
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("name must be letters, digits, '-', '_' or '.'")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SweepSpec":
+        problems = []
+        fields = set(TrainConfig.model_fields)
+        for key in self.space:
+            if key not in fields:
+                problems.append(f"space.{key}: not a trainer field")
+        for key in self.train:
+            if key in ("model", "train_data", "eval_data", "eval_fraction"):
+                problems.append(f"train.{key}: set it at the top level (model:, data:), not under train:")
+        if self.search.algorithm == "grid":
+            for key, dim in self.space.items():
+                if dim.values is None and not dim.grid and not all(r.grid for r in (dim.per_method or {}).values()):
+                    problems.append(f"space.{key}: algorithm grid needs values: [...] or grid: N points")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def methods(self) -> list[str]:
+        dim = self.space.get("method")
+        return list(dim.values) if dim and dim.values else [self.train.get("method", TrainConfig().method)]
+
+    def base_train(self) -> dict[str, Any]:
+        """The fixed trainer fields every trial shares (before the sampled values)."""
+        return {
+            **self.train,
+            "model": self.model,
+            "train_data": self.data.train,
+            "eval_data": self.data.eval,
+            "eval_fraction": self.data.eval_fraction,
+            "save_model": False,
+            "output_dir": None,
+        }
+
+    def sweep_dir(self) -> Path:
+        return Path(self.output_dir).resolve() / self.name
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:
+    """Read, override, validate and cross-check a sweep spec; raise one UserError listing every problem."""
+    source = str(path)
+    data = apply_overrides(read_yaml(path), overrides or [], source=source)
+    data = _resolve_paths(data, Path(path).resolve().parent)
+    try:
+        spec = SweepSpec.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        raise UserError(validation_message(exc, source)) from None
+    _check_trials_validate(spec, source)
+    return spec
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    block = data.get("data")
+    if isinstance(block, dict):
+        block = dict(block)
+        for key in ("train", "eval"):
+            value = block.get(key)
+            if isinstance(value, str) and not value.startswith("builtin:") and not Path(value).is_absolute():
+                block[key] = str((base / value).resolve())
+        data = {**data, "data": block}
+    return data
+
+
+def _check_trials_validate(spec: SweepSpec, source: str) -> None:
+    """Every categorical value and range end must make a valid TrainConfig with the fixed settings."""
+    from sweeps.space import corner_configs
+
+    problems = []
+    for where, values in corner_configs(spec):
+        try:
+            TrainConfig.model_validate({**spec.base_train(), **values})
+        except ValidationError as exc:
+            for line in validation_message(exc, source).splitlines()[1:]:
+                problems.append(f"{line.strip()[2:]} [in {where}]")
+    if problems:
+        unique = list(dict.fromkeys(problems))
+        raise UserError(f"{source}: {len(unique)} problem(s) in the configuration:\n" + "\n".join(f"  - {p}" for p in unique))
