@@ -23,16 +23,28 @@ def collect_records(sweep_dir: Path) -> list[TrialRecord]:
     sweep_dir = Path(sweep_dir)
     stops = read_stops(sweep_dir / "stops.jsonl")
     mlflow_map = _json(sweep_dir / "mlflow.json").get("runs", {})
+    base = _base_config(sweep_dir)
     records = []
     for trial_dir in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / "params.json").is_file()):
-        record = _record(trial_dir, stops, mlflow_map)
+        record = _record(trial_dir, stops, mlflow_map, base)
         if record is not None:
             records.append(record)
     return sorted(records, key=lambda r: r.trial_id)
 
 
-def _record(trial_dir: Path, stops: dict, mlflow_map: dict) -> TrialRecord | None:
-    config = _json(trial_dir / "params.json")
+def _base_config(sweep_dir: Path) -> dict[str, Any]:
+    """The fixed trainer fields of the sweep (from spec.json), so each record holds its full config."""
+    saved = _json(sweep_dir / "spec.json").get("spec")
+    if not saved:
+        return {}
+    from sweeps.spec import SweepSpec
+
+    return SweepSpec.model_validate(saved).base_train()
+
+
+def _record(trial_dir: Path, stops: dict, mlflow_map: dict, base: dict) -> TrialRecord | None:
+    sampled = {k: v for k, v in _json(trial_dir / "params.json").items() if k != "cell"}
+    config = {**base, **sampled}
     results = _results(trial_dir / "result.json")
     trial_id = results[-1].get("trial_id") if results else _trial_id_from_name(trial_dir.name)
     if not trial_id:

@@ -100,9 +100,18 @@ def _preflight_data(spec: SweepSpec) -> None:
     from trainer.data import load_records, split_records, tokenize
     from trainer.models import load_tokenizer, resolve_model_dir
 
-    train = load_records(spec.data.train)
-    _, ev = split_records(train, spec.data.eval, spec.data.eval_fraction, 0)
-    model_dir = resolve_model_dir(spec.model)  # converts the packaged model once per machine
+    try:
+        train = load_records(spec.data.train)
+    except UserError as exc:
+        raise UserError(f"{spec.source}: data.train: {exc}") from None
+    try:
+        _, ev = split_records(train, spec.data.eval, spec.data.eval_fraction, 0)
+    except UserError as exc:
+        raise UserError(f"{spec.source}: data.eval: {exc}") from None
+    try:
+        model_dir = resolve_model_dir(spec.model)  # converts the packaged model once per machine
+    except UserError as exc:
+        raise UserError(f"{spec.source}: {exc}") from None
     tokenize(train[:1] + ev[:1], load_tokenizer(model_dir), 4096)
 
 
@@ -160,7 +169,8 @@ def _parent_run(spec: SweepSpec, tracker) -> str | None:
 
     prov = provenance()
     tags = {"sweep": spec.name, "spec_digest": spec.digest(), "git_sha": prov["git_sha"] or "unknown",
-            **{f"version.{k}": v for k, v in prov["versions"].items()}, "role": "sweep"}
+            **{f"version.{k}": v for k, v in prov["versions"].items()}, "role": "sweep",
+            "sweep_dir": str(spec.sweep_dir())}
     try:
         parent = tracker.parent_run(spec.model_dump(mode="json"), tags)
     except Exception as exc:  # the sweep still runs without tracking; trials are queued for replay

@@ -203,7 +203,8 @@ class SweepSpec(BaseModel):
                 problems.append(f"train.{key}: set it at the top level (model:, data:), not under train:")
         if self.search.algorithm == "grid":
             for key, dim in self.space.items():
-                if dim.values is None and not dim.grid and not all(r.grid for r in (dim.per_method or {}).values()):
+                ranges_gridded = bool(dim.per_method) and all(r.grid for r in dim.per_method.values())
+                if dim.values is None and not dim.grid and not ranges_gridded:
                     problems.append(f"space.{key}: algorithm grid needs values: [...] or grid: N points")
         if problems:
             raise ValueError("; ".join(problems))

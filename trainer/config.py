@@ -49,7 +49,10 @@ class TrainConfig(BaseModel):
     epochs: float = Field(3, gt=0)  # ignored when max_steps is set
     max_steps: int | None = Field(None, ge=1)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    scheduler: Literal["linear", "cosine", "constant_with_warmup", "constant"] = "cosine"
+    scheduler: Literal["linear", "cosine", "constant_with_warmup", "constant", "exponential"] = "cosine"
+    """exponential: the LR range test's ramp from lr_start up to learning_rate over the run (no warmup)."""
+    lr_start: float = Field(1e-7, gt=0)  # first LR of the exponential ramp
+    stop_factor: float | None = Field(None, gt=1)  # stop as diverged once the smoothed loss passes this x its minimum
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)  # None disables clipping
     seed: int = 0

@@ -98,7 +98,8 @@ def train(
     stream = example_stream(train_ex, seed=cfg.seed)
     for _ in range(state.examples_seen):
         next(stream)
-    static = {"l0": base["eval"]["loss"], **trainable_summary(model), "total_steps": total_steps}
+    static = {"l0": base["eval"]["loss"], **trainable_summary(model), "total_steps": total_steps,
+              "resumed_from_step": state.step}
     reference = base.pop("reference_examples", None)
     setup_time = time.perf_counter() - t_setup
     ctx = _Ctx(cfg, model, tokenizer, optimizer, scheduler, state, train_ex, eval_ex, reference, device, static, report)
@@ -171,6 +172,8 @@ def _train_step(ctx: _Ctx, stream, params, *, resumed: bool) -> None:
     state.ema = cfg.ema_beta * state.ema + (1 - cfg.ema_beta) * total
     state.ema_n += 1
     state.running_min = min(state.running_min, _ema(state, cfg))
+    if cfg.stop_factor and state.ema_n > 1 and _ema(state, cfg) > cfg.stop_factor * state.running_min:
+        raise _Diverged(f"smoothed loss {_ema(state, cfg) / state.running_min:.1f}x its minimum at step {step}")
     state.train_time += time.perf_counter() - t0
 
 
@@ -280,6 +283,10 @@ def _optimizer(cfg: TrainConfig, model, device) -> torch.optim.Optimizer:
 
 def _scheduler(cfg: TrainConfig, optimizer, total_steps: int):
     from transformers import get_scheduler
+
+    if cfg.scheduler == "exponential":  # Smith 2015 range test: lr_start * (end/start)^(t/T)
+        ratio = cfg.lr_start / cfg.learning_rate
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: ratio ** max(0.0, 1 - t / max(total_steps - 1, 1)))
 
     return get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * total_steps),
                          num_training_steps=total_steps)

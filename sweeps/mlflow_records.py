@@ -1,0 +1,71 @@
+"""TrialRecords from an MLflow experiment, for ``sweeps/report.py EXPERIMENT`` and export.
+
+If the sweep's folder (the parent run's ``sweep_dir`` tag) is on this machine
+it is read directly; otherwise the records are rebuilt from the child runs:
+params, metric histories (step = examples_seen) and the outcome tags.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from sweeps.records import TrialRecord
+from trainer.errors import UserError
+
+_HISTORY = ("train_loss", "train_loss_ema", "eval_loss", "grad_norm", "lr", "tokens_per_s", "objective")
+
+
+def records_from_experiment(name: str, uri: str | None = None):
+    """``(records, folder_or_name)`` for the sweep logged as MLflow experiment ``name``."""
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.report import load_sweep
+
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('sweeps_out').resolve() / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        raise UserError(f"{name}: neither a sweep folder nor an MLflow experiment at {uri}")
+    runs = client.search_runs([exp.experiment_id], max_results=5000)
+    parents = [r for r in runs if r.data.tags.get("role") == "sweep"]
+    folder = parents[0].data.tags.get("sweep_dir") if parents else None
+    if folder and Path(folder).is_dir():
+        return load_sweep(folder)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    if not children:
+        raise UserError(f"{name}: the MLflow experiment has no trial runs")
+    records = [_record(client, run) for run in children]
+    from sweeps.classify import classify_all
+
+    classify_all(records)
+    return records, name
+
+
+def _record(client, run) -> TrialRecord:
+    tags, params = run.data.tags, run.data.params
+    config = {k: _parse(v) for k, v in params.items() if k != "cell"}
+    by_step: dict[int, dict] = {}
+    for key in _HISTORY:
+        for m in client.get_metric_history(run.info.run_id, key):
+            by_step.setdefault(m.step, {"examples_seen": m.step})[key] = m.value
+    history = [by_step[s] for s in sorted(by_step)]
+    final = dict(run.data.metrics)
+    outcome = tags.get("outcome", "completed")
+    final["status"] = {"completed": "completed", "failed": "failed"}.get(outcome, "diverged" if outcome == "diverged" else "completed")
+    final["done"] = outcome == "completed"
+    reason = tags.get("reason") or None
+    return TrialRecord(
+        trial_id=tags.get("trial_id", run.info.run_id[:8]), config=config, history=history, final=final,
+        stopped_by=reason if outcome in ("pruned", "diverged") else None,
+        error=reason if outcome == "failed" else None, mlflow_run_id=run.info.run_id,
+        objective=final.get("objective"),
+    )
+
+
+def _parse(value: str):
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value

@@ -1,0 +1,102 @@
+"""Sweep specs: every shipped spec loads and dry-runs; bad specs give one clear message and exit code 2."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sweeps.space import DefineByRun, grid_cells
+from sweeps.spec import load_spec
+from tests.conftest import ROOT, run_cli
+from trainer.errors import UserError
+
+SPECS = sorted((ROOT / "search_spaces").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SPECS, ids=[p.name for p in SPECS])
+def test_every_shipped_spec_loads_and_dry_runs(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# python sweeps/run.py search_spaces/"), "a spec begins with the command that runs it"
+    load_spec(path)
+    proc = run_cli(["sweeps/run.py", str(path), "--dry-run"], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "trial(s)" in proc.stdout
+
+
+def test_lr_yaml_maps_three_methods_two_batch_sizes_and_a_wide_lr_range():
+    spec = load_spec(ROOT / "search_spaces" / "lr.yaml")
+    cells = grid_cells(spec)
+    assert {c["method"] for c in cells} == {"full", "lora", "last_layer"}
+    assert len({c["batch_size"] for c in cells}) >= 2
+    lrs = [c["learning_rate"] for c in cells]
+    assert max(lrs) / min(lrs) >= 1e3
+
+
+def test_per_method_ranges_and_conditions_in_define_by_run(tmp_path):
+    import optuna
+
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text(
+        "name: t\nmodel: tiny\nsearch: {algorithm: tpe, n_trials: 30}\n"
+        "space:\n  method: [full, lora]\n"
+        "  learning_rate: {log: true, low: 1.0e-5, high: 1.0e-3, per_method: {lora: {low: 1.0e-3, high: 1.0e-1, log: true}}}\n"
+        "  lora_r: {values: [4, 8], when: {method: [lora]}}\n"
+    )
+    space = DefineByRun(load_spec(spec_file))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: (space(t), 0.0)[1], n_trials=30)
+    for t in study.trials:
+        if t.params["method"] == "lora":
+            assert 1e-3 <= t.params["learning_rate"] <= 1e-1 and "lora_r" in t.params
+        else:
+            assert t.params["learning_rate"] <= 1e-3 and "lora_r" not in t.params
+
+
+GOOD = """name: bad-spec-test
+model: tiny
+search: {algorithm: grid}
+space:
+  method: [full]
+  learning_rate: [0.001]
+"""
+BAD_SPECS = [
+    ("yaml syntax", "name: x\nspace: {method: [full\n", "YAML syntax error"),
+    ("unknown top key", GOOD + "pruning_rule: median\n", "pruning_rule: unknown key"),
+    ("unknown nested key", GOOD + "search: {algorithm: grid, sampler: tpe}\n", "search.sampler: unknown key"),
+    ("wrong type", GOOD.replace("[0.001]", "[fast]"), "learning_rate: Input should be a valid number"),
+    ("low > high", GOOD.replace("[0.001]", "{low: 1.0, high: 0.1, grid: 3}"), "low <= high must hold"),
+    ("non-positive log bound", GOOD.replace("[0.001]", "{low: 0, high: 0.1, log: true, grid: 3}"), "a log range needs low > 0"),
+    ("unknown method", GOOD.replace("[full]", "[full, qlora]"), "unknown method 'qlora'"),
+    ("unknown sampler", GOOD.replace("algorithm: grid", "algorithm: cmaes"), "search.algorithm: Input should be 'tpe', 'random' or 'grid'"),
+    ("not a trainer field", GOOD + "  learning_rat: [1]\n", "space.learning_rat: not a trainer field"),
+    ("grid without points", GOOD.replace("[0.001]", "{low: 0.001, high: 0.1, log: true}"), "algorithm grid needs values"),
+    ("bad batch size", GOOD + "  batch_size: [0, 4]\n", "batch_size: Input should be greater than or equal to 1"),
+    ("missing data file", GOOD + "data: {train: nothere.jsonl}\n", "nothere.jsonl: data file not found"),
+    ("unknown model", GOOD.replace("model: tiny", "model: gpt-17"), "unknown model 'gpt-17'"),
+    ("impossible resources", GOOD + "resources: {cpu: 64}\n", "resources for method full ask for cpu=64"),
+    ("gpu on a cpu machine", GOOD + "resources: {cpu: 1, gpu: 1}\n", "gpu=1 per trial, but no node has that much"),
+    ("bad override", GOOD, "search.n_trials: Input should be greater than or equal to 1"),
+]
+
+
+@pytest.mark.parametrize("name,text,message", BAD_SPECS, ids=[b[0] for b in BAD_SPECS])
+def test_bad_spec_exits_2_with_one_message_and_writes_nothing(tmp_path, name, text, message):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text + f"output_dir: {tmp_path / 'out'}\n")
+    args = ["sweeps/run.py", str(spec)] + (["search.n_trials=0"] if name == "bad override" else [])
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = run_cli(args, timeout=180, env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert str(spec) in proc.stderr
+    assert not (tmp_path / "out").exists(), "no sweep folder may be written"
+    assert not (tmp_path / "mlflow.db").exists(), "nothing may be written to MLflow"
+
+
+def test_spec_errors_are_reported_together(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(GOOD.replace("algorithm: grid", "algorithm: cmaes") + "colour: blue\n")
+    with pytest.raises(UserError) as exc:
+        load_spec(spec)
+    assert "search.algorithm" in str(exc.value) and "colour: unknown key" in str(exc.value)
