@@ -126,7 +126,17 @@ def _init_ray(spec: SweepSpec, address: str | None) -> None:
         return
     if address:
         _check_reachable(address)
-        ray.init(address=address, **common)
+        try:
+            ray.init(address=address, **common)
+        except Exception as exc:  # auth, version mismatch, a head that went away
+            hint, chain, cause = "", [], exc
+            while cause is not None and len(chain) < 5:
+                chain.append(f"{type(cause).__name__}: {cause}")
+                cause = cause.__cause__ or cause.__context__
+            if "auth" in " ".join(chain).lower():
+                hint = ("; the cluster uses token authentication: set RAY_AUTH_MODE=token and the cluster's token "
+                        "(RAY_AUTH_TOKEN, or ~/.ray/auth_token copied from the head node)")
+            raise UserError(f"--address {address}: could not join the Ray cluster ({type(exc).__name__}){hint}") from None
     else:
         # address="local": never reattach to a stale cluster recorded in Ray's temp folder (it hangs for minutes)
         ray.init(address="local", include_dashboard=False, **common)

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
     parser.add_argument("--address", help="join this Ray cluster (default: $RAY_ADDRESS, else a fresh local Ray)")
     parser.add_argument("--dry-run", action="store_true", help="validate, print the trials or the space, run nothing")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     from sweeps.spec import load_spec
 

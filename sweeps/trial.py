@@ -32,13 +32,15 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], metric: str, chec
 
     quiet_libraries()
     state = {"reports": 0, "objective": None}
+    node = _node_id()
 
     def report(metrics: dict[str, Any], checkpoint=None) -> None:
         state["reports"] += 1
         if metrics.get(metric) is not None and math.isfinite(metrics[metric]):
             state["objective"] = metrics[metric]
         # Every result carries the objective: the last known value, l0 before the first eval.
-        result = {**metrics, "objective": state["objective"] if state["objective"] is not None else metrics["l0"]}
+        result = {**metrics, "objective": state["objective"] if state["objective"] is not None else metrics["l0"],
+                  "node_id": node}
         due = checkpoint is not None and checkpoint_every and state["reports"] % checkpoint_every == 0
         if due and not metrics.get("done"):
             with tempfile.TemporaryDirectory() as tmp:
@@ -64,3 +66,12 @@ def _trial_cpus() -> int | None:
         return max(1, int(cpus))
     env = os.environ.get("OMP_NUM_THREADS")
     return int(env) if env and env.isdigit() else None
+
+
+def _node_id() -> str | None:
+    import ray
+
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # outside Ray
+        return None

@@ -1,0 +1,198 @@
+"""The sweep's figures (matplotlib, Agg): the map, the loss curves, the per-method panel, what changed.
+
+Every function writes one PNG and returns its path; missing data gives a panel that says so.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+
+from sweeps.analysis import best_trial, final_loss, lr_sensitivity, methods, stable_window  # noqa: E402
+
+OUTCOME_COLORS = {
+    "converged": "#2a9d3f", "slow": "#8ecae6", "oscillating": "#f4a261",
+    "diverged": "#d62828", "pruned": "#9e9e9e", "failed": "#000000",
+}
+_DPI = 110
+
+
+def _panels(n: int, height: float = 3.6):
+    fig, axes = plt.subplots(1, max(n, 1), figsize=(4.6 * max(n, 1), height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def _save(fig, out: Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=_DPI)
+    plt.close(fig)
+    return out
+
+
+def _empty(ax, text: str = "no data") -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="#777")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _y_axis(records) -> str:
+    for key in ("batch_size", "epochs", "lora_r"):
+        if len({r.config.get(key) for r in records}) > 1:
+            return key
+    return "batch_size"
+
+
+def map_figure(records, out: Path) -> Path:
+    """Per method: learning rate (log) x batch size, coloured by outcome, annotated with the final eval loss."""
+    ms = methods(records)
+    fig, axes = _panels(len(ms), 3.4)
+    ykey = _y_axis(records)
+    ys = sorted({r.config.get(ykey) for r in records if r.config.get(ykey) is not None})
+    for ax, method in zip(axes, ms):
+        mine = [r for r in records if r.method == method]
+        for r in mine:
+            y = ys.index(r.config.get(ykey)) if r.config.get(ykey) in ys else 0
+            ax.scatter(r.learning_rate, y, s=420, marker="s", color=OUTCOME_COLORS.get(r.outcome, "#ccc"),
+                       edgecolor="white", zorder=3)
+            loss = final_loss(r)
+            label = f"{loss:.2f}" if loss is not None else "fail"
+            ax.annotate(label, (r.learning_rate, y), ha="center", va="center", fontsize=7, color="white", zorder=4)
+        ax.set_xscale("log")
+        lrs = [r.learning_rate for r in mine if r.learning_rate > 0]
+        if lrs:
+            ax.set_xlim(min(lrs) / 2.5, max(lrs) * 2.5)
+        ax.set_yticks(range(len(ys)), [str(y) for y in ys])
+        ax.set_ylim(-0.7, len(ys) - 0.3)
+        window = stable_window(records, method)
+        title = method + (f"\nstable {window[0]:.0e} .. {window[1]:.0e}" if window else "\nno stable LR")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel(ykey.replace("_", " "))
+        ax.grid(alpha=0.25)
+    handles = [plt.Line2D([], [], marker="s", ls="", color=c, markersize=9, label=o) for o, c in OUTCOME_COLORS.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=8)
+    fig.subplots_adjust(bottom=0.25)
+    if not ms:
+        _empty(axes[0])
+    fig.suptitle("Where is fine-tuning stable? (cell text: final eval loss)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+    fig.savefig(out, dpi=_DPI)
+    plt.close(fig)
+    return Path(out)
+
+
+def curves_figure(records, out: Path) -> Path:
+    """Train loss (lines) and eval loss (dots) against examples seen; colour = learning rate (log scale)."""
+    ms = methods(records)
+    fig, axes = _panels(len(ms))
+    lrs = [r.learning_rate for r in records if r.learning_rate > 0]
+    norm = LogNorm(min(lrs), max(lrs) if max(lrs) > min(lrs) else min(lrs) * 10) if lrs else None
+    cmap = plt.get_cmap("viridis")
+    for ax, method in zip(axes, ms):
+        drawn = False
+        for r in (r for r in records if r.method == method):
+            pts = [(h["examples_seen"], h["train_loss"]) for h in r.history if h.get("train_loss") is not None]
+            if not pts or norm is None:
+                continue
+            color = cmap(norm(r.learning_rate))
+            ax.plot(*zip(*pts), color=color, lw=1.2, alpha=0.9, ls="--" if r.outcome in ("pruned", "diverged") else "-")
+            ev = [(h["examples_seen"], h["eval_loss"]) for h in r.history if h.get("eval_loss") is not None]
+            if ev:
+                ax.plot(*zip(*ev), "o", color=color, markersize=4)
+            drawn = True
+        if not drawn:
+            _empty(ax)
+            continue
+        ax.set_yscale("log")
+        ax.set_title(f"{method} (dashed: stopped early; dots: eval)", fontsize=9)
+        ax.set_xlabel("examples seen")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.25)
+    if norm is not None:
+        fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, label="learning rate", fraction=0.03)
+    fig.savefig(out, dpi=_DPI, bbox_inches="tight")
+    plt.close(fig)
+    return Path(out)
+
+
+def method_panel_figure(records, out: Path) -> Path:
+    """Final eval loss against LR per batch size, stable window shaded, best LR marked, sensitivity in the title."""
+    ms = methods(records)
+    fig, axes = _panels(len(ms))
+    for ax, method in zip(axes, ms):
+        mine = [r for r in records if r.method == method and final_loss(r) is not None]
+        if not mine:
+            _empty(ax, f"{method}: no finished trial")
+            continue
+        for bs in sorted({r.config.get("batch_size") for r in mine}, key=str):
+            pts = sorted((r.learning_rate, final_loss(r)) for r in mine if r.config.get("batch_size") == bs)
+            ax.plot(*zip(*pts), "o-", label=f"bs {bs}")
+        l0 = mine[0].final.get("l0")
+        if l0:
+            ax.axhline(l0, color="#777", ls=":", label="l0 (base)")
+        window = stable_window(records, method)
+        if window:
+            ax.axvspan(window[0] / 1.15, window[1] * 1.15, color="#2a9d3f", alpha=0.12, label="stable window")
+        best = best_trial(records, method)
+        if best:
+            ax.axvline(best.learning_rate, color="#2a9d3f", lw=1, label=f"best {best.learning_rate:.0e}")
+        sens = lr_sensitivity(records, method)
+        ax.set_title(f"{method}: LR sensitivity {sens:.2f}" if sens is not None else method, fontsize=10)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("final eval loss (min with l0)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.25)
+    return _save(fig, out)
+
+
+def changes_figure(records, out: Path) -> Path:
+    """Memorization and forgetting against LR per method; weight change by layer for each method's best trial."""
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 3.8))
+    any_mem = any_forget = any_w = False
+    for method in methods(records):
+        done = sorted((r for r in records if r.method == method and r.final.get("train_exact_match") is not None),
+                      key=lambda r: r.learning_rate)
+        if done:
+            any_mem = True
+            a1.plot([r.learning_rate for r in done], [r.final["train_exact_match"] for r in done], "o-", label=f"{method} train")
+            a1.plot([r.learning_rate for r in done], [r.final.get("eval_exact_match", math.nan) for r in done], "x--",
+                    label=f"{method} held-out")
+        forg = [r for r in done if r.final.get("forgetting") is not None]
+        if forg:
+            any_forget = True
+            a2.plot([r.learning_rate for r in forg], [r.final["forgetting"] for r in forg], "o-", label=method)
+        best = best_trial(records, method)
+        rows = (best.final.get("weight_change_by_layer") or []) if best else []
+        if rows:
+            any_w = True
+            vals = [max(row["rel_change"], 1e-12) for row in rows]
+            a3.plot(range(len(rows)), vals, "o-", ms=3, label=f"{method} (lr {best.learning_rate:.0e})")
+            a3.set_xticks(range(len(rows))[:: max(1, len(rows) // 10)],
+                          [rows[i]["layer"] for i in range(0, len(rows), max(1, len(rows) // 10))], rotation=45, fontsize=7)
+    for ax, ok, title, ylabel in (
+        (a1, any_mem, "memorization: greedy exact match", "exact match"),
+        (a2, any_forget, "forgetting: reference NLL change (nats)", "delta NLL"),
+        (a3, any_w, "weight change by layer, best trial", "||W - W0|| / ||W0||"),
+    ):
+        if not ok:
+            _empty(ax)
+            ax.set_title(title, fontsize=10)
+            continue
+        if ax is not a3:
+            ax.set_xscale("log")
+            ax.set_xlabel("learning rate")
+        else:
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.25)
+    return _save(fig, out)

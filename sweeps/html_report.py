@@ -1,0 +1,43 @@
+"""One self-contained HTML report: findings, figures (embedded), and the table of trials. Opens offline."""
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+
+from sweeps.analysis import final_loss
+from sweeps.figures import OUTCOME_COLORS
+
+_CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1400px;color:#222}
+h1{font-size:22px}h2{font-size:17px;margin-top:28px}img{max-width:100%;border:1px solid #eee}
+table{border-collapse:collapse;font-size:12px}td,th{padding:3px 8px;border-bottom:1px solid #eee;text-align:left}
+th{background:#f6f6f6}.o{color:#fff;padding:1px 6px;border-radius:3px}li{margin:3px 0}"""
+
+
+def write_html(records, figures: list[Path], findings: list[str], out: Path, title: str) -> Path:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>", "<h2>Diagnosis</h2><ul>"]
+    parts += [f"<li>{html.escape(f)}</li>" for f in findings] + ["</ul>"]
+    for fig in figures:
+        data = base64.b64encode(Path(fig).read_bytes()).decode()
+        parts.append(f"<h2>{html.escape(Path(fig).stem)}</h2><img alt='{Path(fig).stem}' src='data:image/png;base64,{data}'>")
+    parts.append("<h2>Trials</h2><table><tr><th>trial</th><th>method</th><th>lr</th><th>batch size</th><th>epochs</th>"
+                 "<th>outcome</th><th>evidence</th><th>final eval loss</th><th>l0</th><th>steps</th></tr>")
+    for r in sorted(records, key=lambda r: (r.method, r.learning_rate)):
+        loss, l0 = final_loss(r), r.final.get("l0")
+        color = OUTCOME_COLORS.get(r.outcome, "#999")
+        steps = r.history[-1].get("step", "") if r.history else ""
+        parts.append(
+            f"<tr><td>{html.escape(r.trial_id)}</td><td>{html.escape(r.method)}</td><td>{r.learning_rate:.2g}</td>"
+            f"<td>{r.config.get('batch_size', '')}</td><td>{r.config.get('epochs', '')}</td>"
+            f"<td><span class='o' style='background:{color}'>{html.escape(r.outcome or '?')}</span></td>"
+            f"<td>{html.escape(r.evidence or '')}</td><td>{_num(loss)}</td><td>{_num(l0)}</td><td>{steps}</td></tr>")
+    parts.append("</table></body></html>")
+    out = Path(out)
+    out.write_text("\n".join(parts), encoding="utf-8")
+    return out
+
+
+def _num(v) -> str:
+    return f"{v:.4f}" if isinstance(v, (int, float)) and math.isfinite(v) else "-"

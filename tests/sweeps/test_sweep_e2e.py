@@ -1,0 +1,96 @@
+"""End to end, for real: Ray Tune + Optuna + MLflow + torch on the tiny model (nothing mocked)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _runs(uri: str, experiment: str):
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("role") == "sweep"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("smoke")
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    proc = run_cli(["sweeps/run.py", "search_spaces/smoke.yaml", f"output_dir={out}"], timeout=600,
+                   env={"MLFLOW_TRACKING_URI": uri})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out / "smoke", uri, proc.stdout
+
+
+def test_smoke_sweep_records_every_trial_in_mlflow(smoke_sweep):
+    sweep_dir, uri, stdout = smoke_sweep
+    client, parents, children = _runs(uri, "smoke")
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    for child in children:
+        history = client.get_metric_history(child.info.run_id, "train_loss")
+        assert len(history) >= 4, "a loss point per report"
+        assert [m.step for m in history] == sorted(m.step for m in history)
+        assert child.data.tags["outcome"] in ("completed", "pruned", "diverged", "failed")
+        assert child.data.tags.get("classification")
+        assert child.data.params["method"] in ("full", "lora")
+        assert child.info.status in ("FINISHED", "KILLED", "FAILED")
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert "report/map.png" in artifacts and "report/report.html" in artifacts
+    assert parent.data.tags["spec_digest"] and parent.data.tags["git_sha"]
+
+
+def test_smoke_sweep_leaves_an_optuna_study_and_a_summary(smoke_sweep):
+    sweep_dir, _, stdout = smoke_sweep
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    assert len(study.trials) == 4
+    assert all(t.state.is_finished() for t in study.trials)
+    assert {t.user_attrs["method"] for t in study.trials} == {"full", "lora"}
+    trials = json.loads((sweep_dir / "trials.json").read_text())
+    assert len(trials) == 4 and all(t["outcome"] for t in trials)
+    for word in ("trial", "method", "outcome", "eval_loss", "best:", "mlflow/serve"):
+        assert word in stdout
+    assert (sweep_dir / "report" / "report.html").is_file()
+
+
+def test_pruning_bridge_stops_nan_and_exploding_trials_and_tells_optuna_pruned(tmp_path, tiny_model_dir):
+    spec = tmp_path / "faults.yaml"
+    spec.write_text(f"""name: faults
+model: tiny
+data: {{train: "builtin:facts:16", eval: "builtin:facts-heldout:16"}}
+train: {{epochs: 3, batch_size: 4, seq_len: 48, report_every: 4, eval_every: 16, memorization: false, forgetting: false,
+        learning_rate: 0.003, method: full}}
+search: {{algorithm: grid}}
+space:
+  fault: [null, "nan@3", "explode@4"]
+pruning: {{rule: none}}
+output_dir: {tmp_path / 'out'}
+""")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = run_cli(["sweeps/run.py", str(spec)], timeout=600, env={"MLFLOW_TRACKING_URI": uri})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trials = {t["config"].get("fault"): t for t in json.loads((tmp_path / "out/faults/trials.json").read_text())}
+    assert trials["nan@3"]["outcome"] == "diverged" and "non-finite loss" in trials["nan@3"]["stopped_by"]
+    assert trials["explode@4"]["outcome"] == "diverged" and trials["explode@4"]["stopped_by"].startswith("diverged")
+    assert trials[None]["outcome"] != "diverged"
+    # the explosion is caught at the first report after it (latency <= 1 report)
+    assert trials["explode@4"]["history"][-1]["step"] <= 4 + 1
+    study = optuna.load_study(study_name="faults", storage=f"sqlite:///{tmp_path / 'out/faults/optuna.db'}")
+    states = {t.user_attrs.get("fault"): t.state for t in study.trials}
+    assert states["nan@3"] == optuna.trial.TrialState.PRUNED
+    assert states["explode@4"] == optuna.trial.TrialState.PRUNED
+    assert states[None] == optuna.trial.TrialState.COMPLETE
+    _, _, children = _runs(uri, "faults")
+    reasons = {c.data.params.get("fault"): c.data.tags["reason"] for c in children}
+    assert "non-finite loss" in reasons["nan@3"] and "step 3" in reasons["nan@3"]
