@@ -23,8 +23,10 @@ def methods(records: list[TrialRecord]) -> list[str]:
 
 
 def final_loss(r: TrialRecord) -> float | None:
-    """min(final eval loss, l0) for finished or stopped trials; None for failed ones."""
+    """min(final eval loss, l0) for finished or stopped trials; None for failed ones and never-evaluated ones."""
     if r.outcome == "failed":
+        return None
+    if r.outcome == "pruned" and not any(h.get("eval_loss") is not None for h in r.history):
         return None
     value = r.final.get("eval_loss", r.objective)
     l0 = r.final.get("l0")

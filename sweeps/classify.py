@@ -3,7 +3,8 @@
 Criteria (DESIGN.md; thresholds calibrated on lr.yaml's curves), checked in order:
 
 1. failed: the trial process failed or the trainer reported status failed (e.g. out of memory).
-2. pruned: stopped by the sweep's rule (median, successive halving, ...) before it finished.
+2. pruned: stopped by the sweep's rule (median, successive halving, ...) before it finished;
+   but if its loss had already risen above ``ROSE`` x its first report, it is diverged.
 3. diverged: stopped by the divergence rules; a non-finite loss; the smoothed loss above
    ``DIVERGE_FACTOR`` x its running minimum (fastai and Lightning LR finders use 4); one report's
    loss above ``SPIKE_FACTOR`` x the largest loss before it (Megatron's spiky-loss factor, 10);
@@ -34,6 +35,7 @@ MIN_SPIKES = 3  # spikes in the last quarter that make a curve oscillating
 REBOUND = 1.1  # smoothed loss ending > 1.1x its minimum
 SLOW_SHARE = 0.25  # gain below a quarter of the best trial's gain ...
 FALLING = 0.02  # ... while the smoothed tail still falls by > 2% of l0
+ROSE = 1.3  # a pruned curve ending > 1.3x its first report's loss was diverging, not merely behind
 
 
 def classify_all(records: list[TrialRecord]) -> None:
@@ -50,7 +52,8 @@ def classify(record: TrialRecord, *, best_gain: float | None) -> tuple[str, str]
         return "failed", record.error or record.final.get("reason") or "the trial failed"
     stop = record.stopped_by or ""
     if stop.startswith("pruned"):
-        return "pruned", stop
+        rose = _rose(record)  # stopped by the rule, but the curve itself was already going up
+        return ("diverged", f"{rose} ({stop})") if rose else ("pruned", stop)
     if stop.startswith("diverged"):
         return "diverged", stop.removeprefix("diverged: ")
     if record.final.get("status") == "diverged":
@@ -72,6 +75,14 @@ def classify(record: TrialRecord, *, best_gain: float | None) -> tuple[str, str]
     gain = _gain(record)
     return "converged", (f"eval loss {record.final.get('eval_loss', float('nan')):.3f} from l0 {_l0(record):.3f} "
                          f"({gain:.0%} of l0)" if gain is not None else "finished without a sign of trouble")
+
+
+def _rose(record: TrialRecord) -> str | None:
+    """A stopped curve that ended above ``ROSE`` x where it started: the run was getting worse, not slower."""
+    losses = [h.get("train_loss") for h in record.history if h.get("train_loss") is not None]
+    if len(losses) >= 2 and losses[0] > 0 and losses[-1] > ROSE * losses[0]:
+        return f"loss rose from {losses[0]:.2f} to {losses[-1]:.2f}"
+    return None
 
 
 def _failed(r: TrialRecord) -> bool:

@@ -35,6 +35,7 @@ _QUIET_RAY = {
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # we add the JSON logger (result.json) ourselves; no TensorBoard/CSV
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     "RAY_DEDUP_LOGS": "0",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # not "Creating initial MLflow database tables..."
 }
 
 
@@ -236,7 +237,7 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, writer, resume: bool):
     tuner = tune.Tuner(
         trainable,
         tune_config=TuneConfig(search_alg=bridge, num_samples=n_total, max_concurrent_trials=spec.search.max_concurrent,
-                               reuse_actors=False),
+                               reuse_actors=True),
         run_config=RunConfig(
             name=spec.name, storage_path=str(sweep_dir.parent), stop=bridge, callbacks=[JsonLoggerCallback(), writer, progress],
             failure_config=FailureConfig(max_failures=spec.failure.max_retries),

@@ -62,7 +62,7 @@ def map_figure(records, out: Path) -> Path:
             ax.scatter(r.learning_rate, y, s=420, marker="s", color=OUTCOME_COLORS.get(r.outcome, "#ccc"),
                        edgecolor="white", zorder=3)
             loss = final_loss(r)
-            label = f"{loss:.2f}" if loss is not None else "fail"
+            label = f"{loss:.2f}" if loss is not None else ("fail" if r.outcome == "failed" else "-")
             ax.annotate(label, (r.learning_rate, y), ha="center", va="center", fontsize=7, color="white", zorder=4)
         ax.set_xscale("log")
         lrs = [r.learning_rate for r in mine if r.learning_rate > 0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from sweeps.analysis import final_loss
 from sweeps.records import TrialRecord, save_records
 from sweeps.spec import SweepSpec
 
@@ -63,7 +64,8 @@ def summary_table(records: list[TrialRecord], metric: str) -> str:
     lines = [head, "-" * len(head)]
     for r in sorted(records, key=lambda r: (r.method, r.learning_rate, r.config.get("batch_size", 0))):
         c = r.config
-        value = f"{r.objective:.4f}" if r.objective is not None and math.isfinite(r.objective) else "-"
+        loss = final_loss(r)
+        value = f"{loss:.4f}" if loss is not None and math.isfinite(loss) else "-"
         steps = r.history[-1].get("step", "-") if r.history else "-"
         lines.append(
             f"{r.trial_id:<14}{r.method:<12}{c.get('learning_rate', float('nan')):>9.2g}{c.get('batch_size', '-'):>4}"

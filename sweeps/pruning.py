@@ -137,8 +137,15 @@ class PruningSearch(OptunaSearch, Stopper):
         if ot_trial is None or value is None or step is None or not math.isfinite(value):
             return None
         ot_trial.report(float(value), int(step))
-        if ot_trial.should_prune():
-            return f"pruned: {self._pruning.rule} at {step} examples"
+        study = self._ot_study
+        if self._pruning.scope == "method" and self._pruning.rule in ("median", "percentile"):
+            # Compare like with like: LoRA learns slower per example than full fine-tuning at its best LR,
+            # so a sweep-wide median would prune good LoRA trials for being LoRA.
+            study = _MethodView(study, (result.get("config") or {}).get("method"))
+        frozen = self._ot_study._storage.get_trial(ot_trial._trial_id)
+        if study.pruner.prune(study, frozen):
+            scope = f" among {self._pruning.scope} trials" if study is not self._ot_study else ""
+            return f"pruned: {self._pruning.rule}{scope} at {step} examples"
         return None
 
     # --- Searcher ---------------------------------------------------------------------
@@ -173,6 +180,24 @@ class PruningSearch(OptunaSearch, Stopper):
         state = self.__dict__.copy()
         state["_monitors"] = {}
         return state
+
+
+class _MethodView:
+    """The study as the pruner sees it: only the trials of one tuning method."""
+
+    def __init__(self, study: optuna.Study, method: str | None):
+        self._study, self._method = study, method
+
+    def get_trials(self, deepcopy: bool = True, states=None):
+        trials = self._study.get_trials(deepcopy=deepcopy, states=states)
+        return [t for t in trials if _method_of(t) == self._method]
+
+    def __getattr__(self, name: str):
+        return getattr(self._study, name)
+
+
+def _method_of(trial) -> str | None:
+    return trial.params.get("method", trial.user_attrs.get("method"))
 
 
 def _append_stop(path: Path, trial_id: str, reason: str) -> None:

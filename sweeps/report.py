@@ -60,8 +60,7 @@ def load_sweep(target: str):
         records = load_records(path / "trials.json") if (path / "trials.json").is_file() else collect_records(path)
         if not records:
             raise UserError(f"{target}: no trials found in this folder")
-        if any(r.outcome is None for r in records):
-            classify_all(records)
+        classify_all(records)  # always with the current thresholds
         return records, path
     from sweeps.mlflow_records import records_from_experiment
 

@@ -122,6 +122,7 @@ class Pruning(BaseModel):
     model_config = _STRICT
     divergence: Divergence = Divergence()  # always on
     rule: Literal["none", "median", "percentile", "successive_halving", "hyperband"] = "median"
+    scope: Literal["method", "sweep"] = "method"  # median/percentile compare a trial with its own method's trials
     metric: str = "train_loss_ema"  # intermediate value the rule compares, at equal examples_seen
     warmup_reports: int = Field(2, ge=0)  # reports before the rule may prune a trial
     startup_trials: int = Field(4, ge=0)  # finished trials before the rule starts pruning

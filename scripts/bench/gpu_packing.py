@@ -1,0 +1,90 @@
+"""Packing LoRA trials on one GPU: trials per hour with 1, 2 or 4 trials sharing the device.
+
+    python scripts/bench/gpu_packing.py --model /path/to/hf_dir --steps 200
+
+Ray's fractional ``gpu: 0.5`` or ``0.25`` only lets 2 or 4 trial processes share one
+GPU (scheduling accounting, not isolation); this measures what that sharing buys,
+with the same trainer processes Ray would start, and samples GPU utilization
+with nvidia-smi while they run. Needs a CUDA GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+if __name__ == "__main__" and __package__ in (None, ""):
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
+
+_TRIAL = """
+import sys, json, time
+from trainer.config import TrainConfig
+from trainer.loop import train
+from trainer.quiet import quiet_libraries
+quiet_libraries()
+cfg = TrainConfig(model=sys.argv[1], method=sys.argv[2], learning_rate=1e-3, batch_size=int(sys.argv[4]),
+                  max_steps=int(sys.argv[3]), seq_len=48, report_every=int(sys.argv[4]), eval_every=None,
+                  memorization=False, forgetting=False, weight_change=False, device="cuda", dtype=sys.argv[5],
+                  train_data="builtin:facts:128", eval_data="builtin:facts-heldout:16")
+t = time.perf_counter(); r = train(cfg)
+print(json.dumps({"wall": time.perf_counter() - t, "train": r.metrics["train_time_s"], "status": r.status}))
+"""
+
+
+def _sample_util(stop: threading.Event, out: list) -> None:
+    while not stop.is_set():
+        try:
+            q = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits"],
+                               capture_output=True, text=True, timeout=5).stdout.strip().split(",")
+            out.append((float(q[0]), float(q[1])))
+        except Exception:
+            pass
+        stop.wait(0.5)
+
+
+def run_packed(n: int, args) -> dict:
+    util: list = []
+    stop = threading.Event()
+    sampler = threading.Thread(target=_sample_util, args=(stop, util), daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, "-c", _TRIAL, args.model, args.method, str(args.steps), str(args.batch_size),
+                               args.dtype], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+             for _ in range(n)]
+    results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+    wall = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
+    busy = [u for u, _ in util]
+    return {"trials": n, "wall_s": wall, "trials_per_hour": n * 3600 / wall,
+            "mean_trial_train_s": statistics.mean(r["train"] for r in results),
+            "gpu_util_mean": statistics.mean(busy) if busy else None, "gpu_mem_max_mb": max((m for _, m in util), default=None)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--method", default="lora")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--packing", default="1,2,4")
+    args = p.parse_args(argv)
+    rows = [run_packed(int(n), args) for n in args.packing.split(",")]
+    base = rows[0]["trials_per_hour"]
+    print(f"{args.method} trials of {args.steps} steps x batch {args.batch_size}, {args.dtype}, model {args.model}")
+    print("| trials sharing the GPU | wall s | trials/hour | vs 1 | mean GPU util % | max GPU mem MB |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['trials']} | {r['wall_s']:.1f} | {r['trials_per_hour']:.0f} | {r['trials_per_hour'] / base:.2f}x | "
+              f"{r['gpu_util_mean']:.0f} | {r['gpu_mem_max_mb']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
