@@ -21,6 +21,7 @@ if __name__ == "__main__" and __package__ in (None, ""):
 import yaml
 
 from trainer.errors import UserError, cli_errors
+from trainer.yamlio import safe_load
 
 
 def range_test(base: dict, method: str, *, start: float, end: float, steps: int) -> dict:
@@ -76,7 +77,7 @@ def plot(results: list[dict], out: Path) -> Path:
 def write_spec(spec_path: Path, results: list[dict], target: Path) -> Path:
     from sweeps.spec import load_spec
 
-    data = yaml.safe_load(spec_path.read_text())
+    data = safe_load(spec_path.read_text())
     space = data.setdefault("space", {})
     old = space.get("learning_rate") if isinstance(space.get("learning_rate"), dict) else {}
     space["learning_rate"] = {"log": True, "grid": old.get("grid", 6), "per_method": {

@@ -13,6 +13,7 @@ import yaml
 
 from sweeps.records import TrialRecord
 from trainer.errors import UserError
+from trainer.yamlio import safe_load
 
 _HISTORY = ("train_loss", "train_loss_ema", "eval_loss", "grad_norm", "lr", "tokens_per_s", "objective")
 
@@ -66,6 +67,6 @@ def _record(client, run) -> TrialRecord:
 
 def _parse(value: str):
     try:
-        return yaml.safe_load(value)
+        return safe_load(value)
     except yaml.YAMLError:
         return value

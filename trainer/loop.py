@@ -64,6 +64,9 @@ class _State:
     train_time: float = 0.0
     train_time_mark: float = 0.0  # train_time at the previous report, for tokens/s
     eval_time: float = 0.0
+    # Wall clock (time.time()) when step 1 finished: lets a sweep's start-up (command launch to first step) be
+    # measured across processes (scripts/bench/sweep_overhead.py). Kept in checkpoints, so a resumed run keeps it.
+    first_step_unix: float | None = None
     history: list = field(default_factory=list)
 
 
@@ -76,6 +79,7 @@ def train(
 ) -> TrainResult:
     """Fine-tune ``cfg.model`` with ``cfg.method``; return the result (never raises on divergence or OOM)."""
     t_setup = time.perf_counter()
+    start_unix = time.time()  # wall clock, comparable across processes: when this trial's trainer began
     _seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -99,9 +103,10 @@ def train(
     for _ in range(state.examples_seen):
         next(stream)
     static = {"l0": base["eval"]["loss"], **trainable_summary(model), "total_steps": total_steps,
-              "resumed_from_step": state.step}
+              "resumed_from_step": state.step, "start_unix": start_unix}
     reference = base.pop("reference_examples", None)
     setup_time = time.perf_counter() - t_setup
+    static["setup_time_s"] = setup_time  # in every report: a pruned trial never sends the final one
     ctx = _Ctx(cfg, model, tokenizer, optimizer, scheduler, state, train_ex, eval_ex, reference, device, static, report)
     status, reason = "completed", ""
     bar = _progress(progress, total_steps, state.step)
@@ -165,6 +170,8 @@ def _train_step(ctx: _Ctx, stream, params, *, resumed: bool) -> None:
     ctx.scheduler.step()
     ctx.optimizer.zero_grad(set_to_none=True)
     state.step = step
+    if step == 1 and not resumed:
+        state.first_step_unix = time.time()
     state.examples_seen += cfg.examples_per_step
     state.loss_sum += total
     state.loss_count += 1
@@ -190,6 +197,7 @@ def _report(ctx: _Ctx, extra: dict | None = None) -> dict:
         "tokens_per_s": state.tokens_since / max(state.train_time - state.train_time_mark, 1e-9),
         "train_time_s": state.train_time,
         "eval_time_s": state.eval_time,
+        "first_step_unix": state.first_step_unix,
         **ctx.static,
     }
     due = cfg.eval_every is not None and state.examples_seen % cfg.eval_every < cfg.examples_per_step

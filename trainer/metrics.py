@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -86,8 +87,17 @@ def evaluate(
 
 
 def _exact_rows(correct: torch.Tensor, target: torch.Tensor, labels: torch.Tensor, eos_id: int | None) -> torch.Tensor:
-    """A row matches when every completion token except EOS is the argmax given the true prefix."""
-    required = target & (labels != eos_id) if eos_id is not None else target
+    """A row matches when every completion token except EOS is the argmax given the true prefix.
+
+    A target token right after an EOS (the newline a chat template puts after ``<|im_end|>``) is never
+    produced by greedy decoding, which stops at the EOS, so it is not required either.
+    """
+    required = target
+    if eos_id is not None:
+        is_eos = labels == eos_id
+        after_eos = torch.zeros_like(is_eos)
+        after_eos[:, 1:] = is_eos[:, :-1]
+        required = target & ~is_eos & ~after_eos
     return (correct | ~required).all(dim=1) & required.any(dim=1)
 
 
@@ -117,7 +127,7 @@ def reference_set(model, tokenizer, cache_file: Path | None, *, device) -> list[
     model.train(was_training)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")  # trials of a sweep may write it at once
         tmp.write_text(json.dumps([{"input_ids": e.input_ids, "target": e.target} for e in examples]))
         tmp.replace(cache_file)
     return examples

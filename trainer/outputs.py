@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from trainer.config import TrainConfig
+from trainer.yamlio import safe_load
 
 _PACKAGES = ("torch", "transformers", "peft", "ray", "optuna", "mlflow")
 
@@ -69,7 +70,7 @@ def load_finetuned(output_dir: str | Path):
     from trainer.models import load_model, load_tokenizer
 
     out = Path(output_dir)
-    cfg = TrainConfig.model_validate(yaml.safe_load((out / "config.yaml").read_text()))
+    cfg = TrainConfig.model_validate(safe_load((out / "config.yaml").read_text()))
     if (out / "model" / "adapter_config.json").is_file():
         from peft import PeftModel
 

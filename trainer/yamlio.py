@@ -1,6 +1,7 @@
 """YAML reading and ``key.sub=value`` overrides, with errors in the user's terms."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -8,6 +9,26 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from trainer.errors import UserError
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that reads ``1e-3`` as a float, as YAML 1.2 does (1.1 wants ``1.0e-3``).
+
+    Learning rates are written that way; as strings they would pass through a list of grid
+    values untouched and reach Optuna, the map and the MLflow params as text.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def safe_load(text: str) -> Any:
+    """``yaml.safe_load`` semantics (no arbitrary objects) plus YAML 1.2 exponent floats."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -19,7 +40,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not text.strip():
         raise UserError(f"{path}: file is empty")
     try:
-        data = yaml.safe_load(text)
+        data = safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -42,7 +63,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "c
         if not sep or not key:
             raise UserError(f"{source}: override {item!r} is not of the form key.sub=value")
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = safe_load(raw) if raw != "" else None
         except yaml.YAMLError:
             raise UserError(f"{source}: override {item!r}: cannot parse value {raw!r}") from None
         node = out
