@@ -118,6 +118,11 @@ def _method_findings(records, method) -> list[str]:
     sens = lr_sensitivity(records, method)
     if sens is not None:
         parts.append(f"LR sensitivity {sens:.2f}")
+    if not parts:  # e.g. every trial pruned before its first eval: say so rather than print an empty finding
+        counts: dict[str, int] = defaultdict(int)
+        for r in alive:
+            counts[r.outcome or "unclassified"] += 1
+        parts.append("no trial reached an eval loss (" + ", ".join(f"{n} {o}" for o, n in sorted(counts.items())) + ")")
     if failed:
         parts.append(f"{len(failed)} failed")
     return [f"{method}: " + "; ".join(parts)]

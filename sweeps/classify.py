@@ -74,7 +74,7 @@ def classify(record: TrialRecord, *, best_gain: float | None) -> tuple[str, str]
         return "slow", verdict
     gain = _gain(record)
     return "converged", (f"eval loss {record.final.get('eval_loss', float('nan')):.3f} from l0 {_l0(record):.3f} "
-                         f"({gain:.0%} of l0)" if gain is not None else "finished without a sign of trouble")
+                         f"(gained {gain:.0%} of l0)" if gain is not None else "finished without a sign of trouble")
 
 
 def _rose(record: TrialRecord) -> str | None:

@@ -44,14 +44,16 @@ def _base_config(sweep_dir: Path) -> dict[str, Any]:
 
 def _record(trial_dir: Path, stops: dict, mlflow_map: dict, base: dict) -> TrialRecord | None:
     sampled = {k: v for k, v in _json(trial_dir / "params.json").items() if k != "cell"}
-    config = {**base, **sampled}
+    config = _resolved({**base, **sampled})
     results = _results(trial_dir / "result.json")
     trial_id = results[-1].get("trial_id") if results else _trial_id_from_name(trial_dir.name)
     if not trial_id:
         return None
     history = _dedupe([{k: _finite(r.get(k)) for k in HISTORY_KEYS if k in r} for r in results])
     final = {k: v for k, v in (results[-1] if results else {}).items() if not k.startswith(("time_", "timestamp", "config"))}
-    error = _error(trial_dir)
+    # error.txt stays behind when a retry succeeded: the last report then says how the trial really ended
+    recovered = final.get("done") and final.get("status") in ("completed", "diverged")
+    error = None if recovered else _error(trial_dir)
     outcome, reason = trial_outcome(final, stops.get(trial_id), error)
     record = TrialRecord(
         trial_id=trial_id, config=config, history=history, final=_finite(final),
@@ -60,6 +62,18 @@ def _record(trial_dir: Path, stops: dict, mlflow_map: dict, base: dict) -> Trial
     )
     record.objective = _objective(final, outcome)
     return record
+
+
+def _resolved(config: dict[str, Any]) -> dict[str, Any]:
+    """Every TrainConfig field, defaults included: a sweep that does not vary learning_rate still has one."""
+    from pydantic import ValidationError
+
+    from trainer.config import TrainConfig
+
+    try:
+        return {**config, **TrainConfig.model_validate(config).model_dump(mode="json")}
+    except ValidationError:  # a record of an older or hand-edited sweep: keep what is there
+        return config
 
 
 def _objective(final: dict, outcome: str) -> float | None:
@@ -83,10 +97,15 @@ def _results(path: Path) -> list[dict[str, Any]]:
 
 
 def _dedupe(history: list[dict]) -> list[dict]:
-    """A retried trial re-reports from its checkpoint: keep the last entry for each examples_seen."""
+    """One row per examples_seen, later values winning.
+
+    A retried trial re-reports from its checkpoint; and a trainer that stops right after a report
+    sends its final report at the same examples_seen, which must not erase that report's values.
+    """
     by_step: dict[Any, dict] = {}
     for row in history:
-        by_step[row.get("examples_seen")] = row
+        key = row.get("examples_seen")
+        by_step[key] = {**by_step.get(key, {}), **row}
     return sorted(by_step.values(), key=lambda r: r.get("examples_seen") or 0)
 
 

@@ -223,8 +223,8 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, writer, resume: bool):
         sampler = grid_sampler(spec, spec.search.seed)
     else:
         space = DefineByRun(spec)
-        sampler = (optuna.samplers.TPESampler(seed=spec.search.seed) if spec.search.algorithm == "tpe"
-                   else optuna.samplers.RandomSampler(seed=spec.search.seed))
+        sampler = (optuna.samplers.TPESampler(seed=spec.search.seed, n_startup_trials=spec.search.startup_trials)
+                   if spec.search.algorithm == "tpe" else optuna.samplers.RandomSampler(seed=spec.search.seed))
     progress = ProgressPrinter(n_total, spec.search.metric, sweep_dir / "stops.jsonl")
     if resume:
         # Ray restores the searcher (the Optuna study and its trial map) and the stopper from the sweep folder

@@ -52,12 +52,16 @@ def build_report(records, out_dir: Path, *, title: str) -> Report:
 def load_sweep(target: str):
     """Records of a sweep folder (trials.json, or the raw trial folders) or of an MLflow experiment name."""
     from sweeps.classify import classify_all
-    from sweeps.collect import collect_records
     from sweeps.records import load_records
 
     path = Path(target)
     if path.is_dir():
-        records = load_records(path / "trials.json") if (path / "trials.json").is_file() else collect_records(path)
+        if (path / "trials.json").is_file():
+            records = load_records(path / "trials.json")
+        else:
+            from sweeps.collect import collect_records  # pulls in ray and torch (seconds): only without trials.json
+
+            records = collect_records(path)
         if not records:
             raise UserError(f"{target}: no trials found in this folder")
         classify_all(records)  # always with the current thresholds

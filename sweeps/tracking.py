@@ -118,7 +118,10 @@ class Tracker:
         exp = self.client.get_experiment_by_name(self.experiment)
         if exp is not None:
             return exp.experiment_id
-        return self.client.create_experiment(self.experiment, artifact_location=self.artifact_root)
+        # MLflow 3's UI opens an experiment of unknown kind on its GenAI traces overview; this tag makes it
+        # open on the runs table, where a sweep's curves are
+        return self.client.create_experiment(self.experiment, artifact_location=self.artifact_root,
+                                             tags={"mlflow.experimentKind": "custom_model_development"})
 
     def parent_run(self, spec_dict: dict, tags: dict[str, str]) -> str:
         """Create the sweep's parent run, or reattach to it (FINISHED runs are reopened)."""

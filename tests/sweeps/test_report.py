@@ -1,0 +1,338 @@
+"""The report on synthetic sweeps (a method that always diverged, one batch size, failed trials) and the
+measures behind it: LR sensitivity, the stable LR window and the findings in plain words.
+
+Fast: synthetic TrialRecords in a sweep folder's trials.json (no Ray, no training).
+
+    python -m pytest -q tests/sweeps/test_report.py
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from sweeps.analysis import best_lr, diagnose, final_loss, lr_sensitivity, stable_window
+from sweeps.records import TrialRecord, save_records
+from tests.conftest import run_cli
+
+L0 = 3.0  # the base model's eval loss in every synthetic trial
+FILES = ("map.png", "curves.png", "methods.png", "changes.png", "report.html")
+OOM = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+_ids = itertools.count()
+
+
+def _config(method: str, lr: float, bs: int) -> dict:
+    return {"method": method, "learning_rate": lr, "batch_size": bs, "epochs": 1}
+
+
+def _history(losses: list[float], bs: int, evals: dict[int, float] | None = None) -> list[dict]:
+    """Rows as the trainer reports them (one step per report), with eval points at the given report indices."""
+    rows, ema = [], 0.0
+    for i, loss in enumerate(losses):
+        ema = 0.98 * ema + 0.02 * loss
+        rows.append({"step": i + 1, "examples_seen": (i + 1) * bs, "train_loss": loss,
+                     "train_loss_ema": ema / (1 - 0.98 ** (i + 1)), "grad_norm": 1.0, "lr": 1e-4, "l0": L0})
+        if evals and i in evals:
+            rows[-1]["eval_loss"] = evals[i]
+    return rows
+
+
+# --- records for the analysis measures: the outcome is given, not classified -----------------------------
+
+
+def _trial(method: str, lr: float, outcome: str, loss: float | None = None, *, bs: int = 8,
+           history: list[dict] | None = None, **final) -> TrialRecord:
+    fin = {"l0": L0, **final}
+    if loss is not None:
+        fin["eval_loss"] = loss
+    return TrialRecord(trial_id=f"t{next(_ids)}", config=_config(method, lr, bs), history=history or [],
+                       final=fin, outcome=outcome, evidence=f"given: {outcome}",
+                       error=OOM if outcome == "failed" else None)
+
+
+def _grid() -> list[TrialRecord]:
+    """full over five LRs (two batch sizes at 1e-5), plus a lora trial that must not count for full."""
+    return [
+        _trial("full", 1e-5, "slow", 2.4, bs=8),
+        _trial("full", 1e-5, "slow", 2.6, bs=16),
+        _trial("full", 1e-4, "converged", 1.0),
+        _trial("full", 1e-3, "oscillating", 1.5),
+        _trial("full", 1e-2, "diverged", 3.2),  # counts as min(3.2, l0) = 3.0
+        _trial("lora", 1e-3, "converged", 0.2),
+    ]
+
+
+def test_lr_sensitivity_is_the_mean_over_lrs_of_the_gap_to_the_best_final_loss():
+    # per LR: mean(2.4, 2.6) - 1.0 = 1.5; 0.0; 0.5; min(3.2, 3.0) - 1.0 = 2.0 -> mean 4.0 / 4
+    assert lr_sensitivity(_grid(), "full") == pytest.approx(1.0)
+
+
+def test_lr_sensitivity_leaves_out_failed_and_never_evaluated_pruned_trials():
+    extra = [_trial("full", 1e-1, "failed"), _trial("full", 3e-2, "pruned", None, history=_history([3.0, 2.9], 8))]
+    assert lr_sensitivity(_grid() + extra, "full") == pytest.approx(1.0)
+
+
+def test_lr_sensitivity_of_a_method_without_a_finished_trial_is_none():
+    assert lr_sensitivity([_trial("full", 1e-4, "failed")], "full") is None
+
+
+def test_final_loss_is_capped_at_l0():
+    assert final_loss(_trial("full", 1e-2, "diverged", 7.5)) == L0
+
+
+def _window_trials() -> list[TrialRecord]:
+    return [
+        _trial("full", 1e-5, "slow", 2.0),
+        _trial("full", 3e-5, "converged", 1.04),  # within 5% of the best
+        _trial("full", 1e-4, "converged", 1.0),  # the best
+        _trial("full", 3e-4, "converged", 1.06),  # just outside 5%
+        _trial("full", 1e-3, "oscillating", 1.5),  # not diverged: the window reaches it
+        _trial("full", 3e-3, "diverged", 3.0),
+        _trial("full", 1e-2, "diverged", 3.0),
+    ]
+
+
+def test_stable_window_runs_from_lowest_lr_within_margin_to_highest_lr_not_diverged():
+    assert stable_window(_window_trials(), "full") == (3e-5, 1e-3)
+
+
+@pytest.mark.parametrize("margin, low", [(0.03, 1e-4), (0.05, 3e-5), (1.0, 1e-5)])
+def test_stable_window_low_end_is_the_lowest_lr_within_the_margin_of_the_best(margin, low):
+    assert stable_window(_window_trials(), "full", margin=margin) == (low, 1e-3)
+
+
+def test_stable_window_is_none_when_every_trial_diverged():
+    assert stable_window([_trial("full", lr, "diverged", 3.0) for lr in (1e-4, 1e-3)], "full") is None
+
+
+def test_best_lr_ignores_diverged_and_pruned_trials_even_with_lower_loss():
+    trials = _window_trials() + [_trial("full", 2e-4, "pruned", 0.5, history=_history([3.0], 8, {0: 0.5})),
+                                 _trial("full", 5e-3, "diverged", 0.4)]
+    assert best_lr(trials, "full") == 1e-4
+
+
+# --- findings in plain words ----------------------------------------------------------------------------
+
+
+def _finding(records, method: str) -> str:
+    return next(f for f in diagnose(records) if f.startswith(f"{method}: ") and "tolerated" not in f
+                and "too low" not in f)
+
+
+def test_finding_names_the_lowest_diverged_lr_and_the_share_above_it():
+    records = [_trial("full", 1e-4, "converged", 1.0), _trial("full", 1e-3, "diverged", 3.0, bs=8),
+               _trial("full", 1e-3, "converged", 1.1, bs=16), _trial("full", 1e-2, "diverged", 3.0)]
+    assert "diverged at lr >= 1e-3 (2/3 trials)" in _finding(records, "full")
+
+
+def test_finding_gives_window_best_lr_and_sensitivity():
+    text = _finding(_window_trials(), "full")
+    assert "stable window 3e-5 to 1e-3" in text
+    assert "best lr 1e-4 (eval loss 1.000, l0 3.000)" in text
+    assert "oscillating at 1e-3" in text
+    assert f"LR sensitivity {lr_sensitivity(_window_trials(), 'full'):.2f}" in text
+
+
+def test_finding_says_when_every_trial_of_a_method_diverged():
+    records = [_trial("full", lr, "diverged", 3.0) for lr in (1e-4, 1e-3, 1e-2)]
+    assert _finding(records, "full") == ("full: every trial diverged (3/3), even at lr 1e-4: "
+                                         "lower the learning-rate range")
+
+
+def test_finding_says_when_every_trial_of_a_method_failed():
+    records = [_trial("lora", 1e-3, "failed"), _trial("lora", 1e-2, "failed"), _trial("full", 1e-4, "converged", 1.0)]
+    assert _finding(records, "lora") == "lora: all 2 trial(s) failed (given: failed)"
+
+
+def test_finding_counts_failed_trials_next_to_finished_ones():
+    records = [_trial("full", 1e-4, "converged", 1.0), _trial("full", 1e-3, "failed")]
+    assert _finding(records, "full").endswith("; 1 failed")
+
+
+def test_finding_for_a_method_pruned_before_any_eval_says_so_instead_of_being_empty():
+    records = [_trial("full", lr, "pruned", None, history=_history([3.0, 2.9], 8)) for lr in (1e-4, 1e-3)]
+    records.append(_trial("full", 1e-2, "failed"))
+    assert _finding(records, "full") == "full: no trial reached an eval loss (2 pruned); 1 failed"
+
+
+def test_low_lrs_that_barely_moved_are_too_low_for_this_budget():
+    records = [_trial("full", 1e-6, "slow", 2.95), _trial("full", 1e-5, "slow", 2.9),
+               _trial("full", 1e-4, "converged", 1.0)]  # achievable drop 2.0: 0.05 and 0.1 are < 10% of it
+    assert ("full: lr <= 1e-5 learned < 10% of the achievable loss drop in budget: too low for this budget"
+            in diagnose(records))
+
+
+def test_no_too_low_finding_when_the_lowest_lr_learned_enough():
+    records = [_trial("full", 1e-5, "converged", 2.7), _trial("full", 1e-4, "converged", 1.0)]
+    assert not any("too low" in f for f in diagnose(records))
+
+
+def test_sweep_where_nothing_beat_l0_says_nothing_was_learned():
+    records = [_trial("full", 1e-4, "diverged", 3.0), _trial("full", 1e-6, "converged", 3.0)]
+    assert any("nothing was learned" in f for f in diagnose(records))
+
+
+def _overfit_history(last_eval: float) -> list[dict]:
+    losses = [3.0 - 0.05 * i for i in range(16)]  # train loss keeps falling
+    return _history(losses, 8, evals={3: 2.0, 7: 1.5, 11: 1.6, 15: last_eval})
+
+
+def test_eval_loss_rising_while_train_loss_falls_is_overfitting():
+    record = _trial("full", 1e-4, "converged", 1.7, bs=8, history=_overfit_history(1.7))
+    assert ("full lr 1e-4 bs 8: eval loss rose after 64 examples while train loss fell: overfitting"
+            in diagnose([record]))
+
+
+def test_eval_loss_still_falling_is_not_overfitting():
+    record = _trial("full", 1e-4, "converged", 1.4, history=_overfit_history(1.4))
+    assert not any("overfitting" in f for f in diagnose([record]))
+
+
+def test_larger_batch_size_tolerating_a_higher_lr_is_reported_with_the_factor():
+    records = [_trial("full", 1e-4, "converged", 1.0, bs=4), _trial("full", 1e-3, "diverged", 3.0, bs=4),
+               _trial("full", 1e-4, "converged", 1.1, bs=16), _trial("full", 1e-3, "converged", 1.0, bs=16),
+               _trial("full", 1e-2, "diverged", 3.0, bs=16)]
+    assert "full: batch size 16 tolerated 10x higher LR than batch size 4" in diagnose(records)
+
+
+def test_forgetting_is_reported_at_each_methods_best_lr():
+    records = [_trial("full", 1e-4, "converged", 1.0, forgetting=0.12),
+               _trial("full", 1e-3, "converged", 1.5, forgetting=0.9)]
+    assert any(f.startswith("forgetting") and f.endswith("full +0.12") for f in diagnose(records))
+
+
+# --- whole report on synthetic sweep folders (classified again on load, as `sweeps/report.py` does) ------
+
+
+def _converged(method: str, lr: float, bs: int, final_eval: float) -> TrialRecord:
+    losses = [final_eval + (L0 - final_eval) * math.exp(-i / 3) for i in range(12)]
+    final = {"l0": L0, "status": "completed", "reason": "", "done": True, "eval_loss": final_eval,
+             "train_exact_match": 0.5, "eval_exact_match": 0.1, "forgetting": 0.05, "step": 12,
+             "weight_change_by_layer": [{"layer": f"h.{k}", "rel_change": 1e-3 * (k + 1), "changed_fraction": 1.0}
+                                        for k in range(4)]}
+    return TrialRecord(trial_id=f"t{next(_ids)}", config=_config(method, lr, bs),
+                       history=_history(losses, bs, evals={3: losses[3], 7: losses[7], 11: final_eval}), final=final)
+
+
+def _diverged(method: str, lr: float, bs: int) -> TrialRecord:
+    final = {"l0": L0, "status": "diverged", "reason": "non-finite loss (nan) at step 5", "done": True, "eval_loss": L0}
+    return TrialRecord(trial_id=f"t{next(_ids)}", config=_config(method, lr, bs),
+                       history=_history([3.0, 3.5, 5.0, 9.0], bs), final=final)
+
+
+def _failed(method: str, lr: float, bs: int) -> TrialRecord:
+    return TrialRecord(trial_id=f"t{next(_ids)}", config=_config(method, lr, bs), error=OOM)
+
+
+def _sweep(root: Path, name: str, records: list[TrialRecord]) -> Path:
+    folder = root / name
+    folder.mkdir()
+    save_records(records, folder / "trials.json")
+    return folder
+
+
+def _report_in_process(folder: Path) -> tuple[int, str]:
+    from sweeps.report import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main([str(folder)])
+    return code, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def all_diverged(tmp_path_factory):
+    """full diverged at every LR and batch size; lora converged. Run as a user would: a subprocess."""
+    records = [_diverged("full", lr, bs) for lr in (1e-4, 1e-3) for bs in (8, 16)]
+    records += [_converged("lora", 1e-4, bs, 1.2) for bs in (8, 16)] + [_converged("lora", 1e-3, 8, 1.0)]
+    folder = _sweep(tmp_path_factory.mktemp("a"), "all-diverged", records)
+    proc = run_cli(["sweeps/report.py", str(folder)], timeout=120)
+    return folder, proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def one_batch_size(tmp_path_factory):
+    records = [_converged("full", 1e-5, 8, 1.5), _converged("full", 1e-4, 8, 1.0), _diverged("full", 1e-3, 8),
+               _converged("lora", 1e-3, 8, 1.1)]
+    folder = _sweep(tmp_path_factory.mktemp("b"), "one-bs", records)
+    return (folder, *_report_in_process(folder))
+
+
+@pytest.fixture(scope="module")
+def with_failures(tmp_path_factory):
+    """lora failed at every LR (no history); full has one failed trial next to finished ones."""
+    records = [_failed("lora", 1e-4, 8), _failed("lora", 1e-3, 8), _failed("full", 1e-3, 8),
+               _converged("full", 1e-5, 8, 1.5), _converged("full", 1e-4, 8, 1.0)]
+    folder = _sweep(tmp_path_factory.mktemp("c"), "failures", records)
+    return (folder, *_report_in_process(folder))
+
+
+@pytest.fixture(scope="module")
+def all_failed(tmp_path_factory):
+    folder = _sweep(tmp_path_factory.mktemp("d"), "all-failed", [_failed("full", 1e-4, 8), _failed("lora", 1e-3, 8)])
+    return (folder, *_report_in_process(folder))
+
+
+SWEEPS = ["all_diverged", "one_batch_size", "with_failures", "all_failed"]
+
+
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_report_exits_0_and_writes_every_figure_and_the_html(sweep, request):
+    folder, code, output = request.getfixturevalue(sweep)
+    assert code == 0, output
+    for name in FILES:
+        path = folder / "report" / name
+        assert path.is_file() and path.stat().st_size > 0, name
+    assert f"report: {folder / 'report' / 'report.html'}" in output
+
+
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_report_html_is_self_contained(sweep, request):
+    folder, _, _ = request.getfixturevalue(sweep)
+    text = (folder / "report" / "report.html").read_text()
+    sources = re.findall(r"""(?:src|href)\s*=\s*['"]([^'"]*)""", text)
+    assert len(sources) == 4 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "http://" not in text and "https://" not in text and "<link" not in text and "<script" not in text
+
+
+def test_report_says_the_method_that_always_diverged_did(all_diverged):
+    folder, _, output = all_diverged
+    finding = "full: every trial diverged (4/4), even at lr 1e-4: lower the learning-rate range"
+    assert f"- {finding}" in output
+    assert finding in (folder / "report" / "report.html").read_text()
+
+
+def test_report_with_one_batch_size_makes_no_batch_size_claim(one_batch_size):
+    _, _, output = one_batch_size
+    assert "full: diverged at lr >= 1e-3 (1/1 trials)" in output
+    assert "batch size" not in output
+
+
+def test_report_says_which_method_failed_and_why(with_failures):
+    folder, _, output = with_failures
+    assert f"- lora: all 2 trial(s) failed ({OOM})" in output
+    assert f"lora: all 2 trial(s) failed ({OOM})" in (folder / "report" / "report.html").read_text()
+
+
+def test_report_counts_failed_trials_of_a_method_that_also_finished(with_failures):
+    _, _, output = with_failures
+    line = next(ln for ln in output.splitlines() if ln.startswith("- full: "))
+    assert line.endswith("; 1 failed")
+
+
+def test_report_table_marks_every_failed_trial_with_its_error(with_failures):
+    folder, _, _ = with_failures
+    text = (folder / "report" / "report.html").read_text()
+    assert text.count(">failed</span>") == 3
+    assert text.count(OOM) >= 3
+
+
+def test_report_on_an_empty_sweep_is_a_user_error_with_exit_code_2(tmp_path):
+    folder = _sweep(tmp_path, "empty", [])
+    code, _ = _report_in_process(folder)
+    assert code == 2
