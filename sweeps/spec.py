@@ -118,7 +118,9 @@ class Divergence(BaseModel):
     model_config = _STRICT
     factor: float = Field(4.0, gt=1)  # smoothed loss > factor x its running minimum (fastai, Lightning LR finders)
     spike: float = Field(10.0, gt=1)  # one report's loss > spike x the largest loss seen so far (Megatron)
-    min_reports: int = Field(1, ge=1)  # reports before the factor rule may fire
+    # no loss rule stops a trial before this many reports (a divergence seen earlier stops it then), so every
+    # curve has that many points; non-finite values stop it at once
+    min_reports: int = Field(1, ge=1)
 
 
 class Pruning(BaseModel):

@@ -504,6 +504,9 @@ def _hf_search(configs: list[dict], threads: int, tmp: str) -> dict:
         hp_space=lambda trial: _hf_args(pick(trial), n_train), compute_objective=lambda m: m["eval_loss"],
         n_trials=len(cfgs), direction="minimize", backend="optuna",
         sampler=optuna.samplers.GridSampler({"trial": indexes}, seed=0),  # each configuration exactly once
+        # HF reports each eval to Optuna and obeys should_prune(); the study's default MedianPruner would stop
+        # some trials before HF logs their train_runtime. Every trial runs to its end, as "the same trials" says.
+        pruner=optuna.pruners.NopPruner(),
     )
     marks["search_end_unix"] = time.time()
     return {**marks, "trials": [{k: v for k, v in t.items() if k != "in_train"} for t in trials],
