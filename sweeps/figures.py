@@ -153,6 +153,17 @@ def method_panel_figure(records, out: Path) -> Path:
     return _save(fig, out)
 
 
+def _mean_by_lr(records, key: str) -> tuple[list[float], list[float]]:
+    """One point per learning rate (the mean over batch sizes, epochs, ...): a line, not a zig-zag."""
+    by_lr: dict[float, list[float]] = {}
+    for r in records:
+        value = r.final.get(key)
+        if value is not None and math.isfinite(value):
+            by_lr.setdefault(r.learning_rate, []).append(value)
+    lrs = sorted(by_lr)
+    return lrs, [sum(by_lr[lr]) / len(by_lr[lr]) for lr in lrs]
+
+
 def changes_figure(records, out: Path) -> Path:
     """Memorization and forgetting against LR per method; weight change by layer for each method's best trial."""
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 3.8))
@@ -162,13 +173,13 @@ def changes_figure(records, out: Path) -> Path:
                       key=lambda r: r.learning_rate)
         if done:
             any_mem = True
-            a1.plot([r.learning_rate for r in done], [r.final["train_exact_match"] for r in done], "o-", label=f"{method} train")
-            a1.plot([r.learning_rate for r in done], [r.final.get("eval_exact_match", math.nan) for r in done], "x--",
-                    label=f"{method} held-out")
+            lrs, train_em = _mean_by_lr(done, "train_exact_match")
+            a1.plot(lrs, train_em, "o-", label=f"{method} train")
+            a1.plot(*_mean_by_lr(done, "eval_exact_match"), "x--", label=f"{method} held-out")
         forg = [r for r in done if r.final.get("forgetting") is not None]
         if forg:
             any_forget = True
-            a2.plot([r.learning_rate for r in forg], [r.final["forgetting"] for r in forg], "o-", label=method)
+            a2.plot(*_mean_by_lr(forg, "forgetting"), "o-", label=method)
         best = best_trial(records, method)
         rows = (best.final.get("weight_change_by_layer") or []) if best else []
         if rows:
@@ -178,8 +189,8 @@ def changes_figure(records, out: Path) -> Path:
             a3.set_xticks(range(len(rows))[:: max(1, len(rows) // 10)],
                           [rows[i]["layer"] for i in range(0, len(rows), max(1, len(rows) // 10))], rotation=45, fontsize=7)
     for ax, ok, title, ylabel in (
-        (a1, any_mem, "memorization: greedy exact match", "exact match"),
-        (a2, any_forget, "forgetting: reference NLL change (nats)", "delta NLL"),
+        (a1, any_mem, "memorization: greedy exact match (mean per LR)", "exact match"),
+        (a2, any_forget, "forgetting: reference NLL change (nats, mean per LR)", "delta NLL"),
         (a3, any_w, "weight change by layer, best trial", "||W - W0|| / ||W0||"),
     ):
         if not ok:
