@@ -66,6 +66,9 @@ def classify(record: TrialRecord, *, best_gain: float | None) -> tuple[str, str]
     verdict = _diverged(record, losses, smooth)
     if verdict:
         return "diverged", verdict
+    if not record.final.get("done"):  # the sweep was interrupted (Ctrl-C, a killed driver) while it ran
+        seen = record.history[-1].get("examples_seen") if record.history else 0
+        return "unfinished", f"interrupted at {seen} examples; --resume finishes it"
     verdict = _oscillating(record, losses, smooth)
     if verdict:
         return "oscillating", verdict

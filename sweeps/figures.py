@@ -17,7 +17,7 @@ from sweeps.analysis import best_trial, final_loss, lr_sensitivity, methods, sta
 
 OUTCOME_COLORS = {
     "converged": "#2a9d3f", "slow": "#8ecae6", "oscillating": "#f4a261",
-    "diverged": "#d62828", "pruned": "#9e9e9e", "failed": "#000000",
+    "diverged": "#d62828", "pruned": "#9e9e9e", "failed": "#000000", "unfinished": "#e0d7c6",
 }
 _DPI = 110
 

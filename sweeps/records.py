@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-OUTCOMES = ("converged", "slow", "oscillating", "diverged", "pruned", "failed")
+OUTCOMES = ("converged", "slow", "oscillating", "diverged", "pruned", "failed", "unfinished")
 
 
 @dataclass

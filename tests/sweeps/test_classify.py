@@ -274,3 +274,9 @@ def test_classify_all_ignores_failed_trials_when_taking_the_best_gain():
     behind = _record([3.0 - 0.015 * i for i in range(40)], final_eval=2.4)
     classify_all([failed, best, behind])
     assert [r.outcome for r in (failed, best, behind)] == ["failed", "converged", "converged"]
+
+
+def test_a_trial_interrupted_while_it_ran_is_unfinished_not_converged():
+    record = _record(_decay(6), final_eval=None, done=False)
+    outcome, evidence = classify(record, best_gain=None)
+    assert outcome == "unfinished" and "--resume" in evidence and "at 48 examples" in evidence
