@@ -81,10 +81,16 @@ def classify(record: TrialRecord, *, best_gain: float | None) -> tuple[str, str]
 
 
 def _rose(record: TrialRecord) -> str | None:
-    """A stopped curve that ended above ``ROSE`` x where it started: the run was getting worse, not slower."""
+    """A stopped run that was getting worse, not slower: its curve ended above ``ROSE`` x where it started,
+    or its last held-out loss was no better than the base model's l0."""
     losses = [h.get("train_loss") for h in record.history if h.get("train_loss") is not None]
     if len(losses) >= 2 and losses[0] > 0 and losses[-1] > ROSE * losses[0]:
         return f"loss rose from {losses[0]:.2f} to {losses[-1]:.2f}"
+    evals = [h for h in record.history if h.get("eval_loss") is not None]
+    l0 = _l0(record)
+    if evals and l0 is not None and evals[-1]["eval_loss"] >= l0:
+        last = evals[-1]
+        return f"eval loss {last['eval_loss']:.2f} >= base {l0:.2f} at {last.get('examples_seen', '?')} examples"
     return None
 
 

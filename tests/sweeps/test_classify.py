@@ -280,3 +280,10 @@ def test_a_trial_interrupted_while_it_ran_is_unfinished_not_converged():
     record = _record(_decay(6), final_eval=None, done=False)
     outcome, evidence = classify(record, best_gain=None)
     assert outcome == "unfinished" and "--resume" in evidence and "at 48 examples" in evidence
+
+
+def test_a_pruned_trial_whose_held_out_loss_was_worse_than_the_base_model_is_diverged():
+    record = _record([5.0, 5.2, 5.6, 6.0], final_eval=None, done=False, stopped_by="pruned: median at 32 examples")
+    record.history[-1]["eval_loss"] = L0 + 0.5
+    outcome, evidence = classify(record, best_gain=None)
+    assert outcome == "diverged" and f">= base {L0:.2f} at 32 examples" in evidence
