@@ -154,7 +154,7 @@ def _train_step(ctx: _Ctx, stream, params, *, resumed: bool) -> None:
         examples = [next(stream) for _ in range(cfg.batch_size)]
         batch = {k: v.to(ctx.device) for k, v in collate(examples, ctx.tokenizer.pad_token_id).items()}
         with _autocast(cfg, ctx.device):
-            nll, target, valid, _ = token_nll(model, batch)
+            nll, target, valid, _ = token_nll(model, batch, with_correct=False)
             loss = weighted_loss(nll, target, valid, cfg.prompt_loss_weight)
         if cfg.fault == f"nan@{step}":
             loss = loss * float("nan")

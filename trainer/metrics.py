@@ -36,19 +36,25 @@ REFERENCE_PROMPTS = [
 REFERENCE_TOKENS = 32
 
 
-def token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def token_nll(
+    model, batch: dict[str, torch.Tensor], *, with_correct: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-token NLL of predicting token t+1 from its prefix.
 
     Returns ``(nll, target, valid, correct)``, each shaped [batch, len-1]: the loss,
     whether the predicted token is a completion token, whether it is a real
-    (non-pad) token, and whether the argmax prediction equals it.
+    (non-pad) token, and whether the argmax prediction equals it (None unless
+    ``with_correct``: the training step does not need it).
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    labels = batch["input_ids"][:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="none").view_as(labels)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    # Shift the labels, not the logits: slicing [batch, len, vocab] logits copies them (and their gradient)
+    # when flattened; the last position gets label -100 and its NLL is dropped below.
+    labels = F.pad(batch["input_ids"][:, 1:], (0, 1), value=-100)
+    nll = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1), reduction="none", ignore_index=-100)
+    nll = nll.view_as(labels)[:, :-1]
     valid = batch["attention_mask"][:, 1:].bool()
     target = batch["target"][:, 1:] & valid
-    correct = logits.argmax(-1) == labels
+    correct = (logits[:, :-1].argmax(-1) == labels[:, :-1]) if with_correct else None
     return nll, target, valid, correct
 
 
