@@ -9,7 +9,6 @@ import logging
 import math
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -65,7 +64,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
 
     tuner, n_total = _tuner(spec, sweep_dir, writer, resume)
     t0 = time.time()
-    grid = tuner.fit()
+    tuner.fit()  # results are read back from the sweep folder (collect_records), which survives a resume
     wall = time.time() - t0
 
     from sweeps.collect import collect_records

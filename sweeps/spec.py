@@ -109,8 +109,8 @@ class Search(BaseModel):
     n_trials: int | None = Field(None, ge=1)  # tpe/random: how many trials; grid: the grid's size when None
     seed: int = 0
     max_concurrent: int | None = Field(None, ge=1)  # None = as many as the resources allow
-    # tpe: random trials before TPE models the space. Optuna's default, 10, leaves a 16-trial budget
-    # only 6 guided trials; 5 suits budgets of 16 to 30
+    # tpe: random trials before TPE models the space (Optuna's default 10); fewer leaves more of a small
+    # budget guided, but TPE's model of a space with several dimensions is poor on few points
     startup_trials: int = Field(10, ge=1)
 
 

@@ -13,13 +13,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run_cli
-from tests.test_faults import _children, _free_port, _mlflow_server, _wait_for
+from tests.conftest import run_cli
+from tests.test_faults import _children, _free_port, _mlflow_server
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).parent / "ray")

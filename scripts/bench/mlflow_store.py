@@ -32,6 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
+if __name__ == "__main__" and __package__ in (None, ""):
+    sys.path[0] = str(Path(__file__).resolve().parents[2])  # run as a file: import this checkout's packages
+
 HEADER_LOG = "| call | calls per 1,000 points | ms per 1,000 points | x log_batch |"
 HEADER_UI = "| request (UI experiment page) | median ms | response KB |"
 _KEYS = ("train_loss", "train_loss_ema", "eval_loss", "grad_norm", "lr")  # what a trial reports
@@ -204,13 +207,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    from scripts.bench._common import cpu_model
+
+    return cpu_model()
 
 
 def main(argv: list[str] | None = None) -> int:

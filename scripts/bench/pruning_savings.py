@@ -358,13 +358,9 @@ def _trials_table(m: dict) -> list[str]:
 
 
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    from scripts.bench._common import cpu_model
+
+    return cpu_model()
 
 
 def _versions() -> str:

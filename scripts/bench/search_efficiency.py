@@ -34,10 +34,11 @@ test: nothing is asserted.
 Read the columns knowing how TPE starts: ``TPESampler`` proposes its first
 ``n_startup_trials`` with an internal ``RandomSampler(seed)``, so with the same
 seed TPE and random propose the same first trials (checked with optuna 5.0).
-The spec sets ``search.startup_trials: 5`` (Optuna's default 10 would leave
-only 6 of 16 trials guided); HF keeps Optuna's default, 10, as a user of
-``hyperparameter_search`` would get. After 8 trials ours tpe has had 3 guided
-proposals (fewer while 2 trials run at a time); at 16, 11.
+The spec keeps Optuna's default ``search.startup_trials: 10``, as HF does, so
+after 8 trials ours tpe = ours random by construction, and at 16 the comparison
+is paired: 6 TPE-guided proposals (5 while 2 trials run at a time) against 6
+random ones. (With ``startup_trials: 5`` TPE did worse than random at 16 in a
+first run: BENCHMARKS.md.)
 """
 from __future__ import annotations
 
@@ -45,7 +46,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -307,13 +307,9 @@ def _l0(runs: list[dict], out: Path) -> float | None:
 
 
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    from scripts.bench._common import cpu_model
+
+    return cpu_model()
 
 
 # --- the run ----------------------------------------------------------------------------

@@ -726,7 +726,7 @@ def _versions() -> dict[str, str]:
 
 
 def _machine() -> dict:
-    from scripts.bench.trainer_throughput import _cpu_model
+    from scripts.bench._common import cpu_model as _cpu_model
 
     return {"platform": platform.platform(), "python": platform.python_version(), "cpu": _cpu_model(), "cpus": _cpus()}
 
@@ -761,7 +761,7 @@ def _print(args, argv, spec, sweep, hf, reps, how) -> None:
     print(f"\nWhere the sweep's wall x slots went{' (' + '; '.join(notes) + ')' if notes else ''}:\n")
     print("\n".join(table_sweep(sweep)))
     if hf:
-        print(f"\nWhere HF's process wall went (slots = 1):\n")
+        print("\nWhere HF's process wall went (slots = 1):\n")
         print("\n".join(table_hf(hf)))
     if reps or sweep.get("startup"):
         print(f"\nStart-up, warm model cache: seconds from launching `python sweeps/run.py` (median of {len(reps)} "

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import shlex
 import statistics
@@ -202,13 +201,9 @@ def _seen(rows: list[dict], impl: str) -> str:
 
 
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    from scripts.bench._common import cpu_model
+
+    return cpu_model()
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

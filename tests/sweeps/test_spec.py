@@ -1,7 +1,6 @@
 """Sweep specs: every shipped spec loads and dry-runs; bad specs give one clear message and exit code 2."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
