@@ -74,12 +74,17 @@ def _finished_trials(sweep_dir: Path) -> int:
         return 0
 
 
-def test_a_trial_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path, tiny_model_dir):
-    spec = _spec(tmp_path, "killtrial", '  fault: [null, "crash@5"]')
+def _sweep_with_fault(tmp_path: Path, name: str, fault: str) -> tuple[str, dict]:
+    """A 2-trial sweep, one trial healthy and one with ``fault``; the store URI and the trials by fault."""
+    spec = _spec(tmp_path, name, f'  fault: [null, "{fault}"]')
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = run_cli(["sweeps/run.py", str(spec)], timeout=600, env={"MLFLOW_TRACKING_URI": uri})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    trials = {t["config"]["fault"]: t for t in _trials(tmp_path, "killtrial")}
+    return uri, {t["config"]["fault"]: t for t in _trials(tmp_path, name)}
+
+
+def test_a_trial_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path, tiny_model_dir):
+    uri, trials = _sweep_with_fault(tmp_path, "killtrial", "crash@5")
     crashed = trials["crash@5"]
     assert crashed["final"]["status"] == "completed", crashed
     assert crashed["final"]["resumed_from_step"] >= 4, "the retry must start from the checkpoint, not from step 0"
@@ -92,11 +97,7 @@ def test_a_trial_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path, tiny_
 
 
 def test_failed_out_of_memory_trial_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_model_dir):
-    spec = _spec(tmp_path, "oom", '  fault: [null, "oom@2"]')
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = run_cli(["sweeps/run.py", str(spec)], timeout=600, env={"MLFLOW_TRACKING_URI": uri})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    trials = {t["config"]["fault"]: t for t in _trials(tmp_path, "oom")}
+    uri, trials = _sweep_with_fault(tmp_path, "oom", "oom@2")
     assert trials["oom@2"]["outcome"] == "failed" and "out of memory" in trials["oom@2"]["error"]
     assert trials[None]["outcome"] != "failed"
     _, children = _children(uri, "oom")

@@ -105,8 +105,7 @@ def train(
     static = {"l0": base["eval"]["loss"], **trainable_summary(model), "total_steps": total_steps,
               "resumed_from_step": state.step, "start_unix": start_unix}
     reference = base.pop("reference_examples", None)
-    setup_time = time.perf_counter() - t_setup
-    static["setup_time_s"] = setup_time  # in every report: a pruned trial never sends the final one
+    static["setup_time_s"] = time.perf_counter() - t_setup  # in every report: a pruned trial never sends the final one
     ctx = _Ctx(cfg, model, tokenizer, optimizer, scheduler, state, train_ex, eval_ex, reference, device, static, report)
     status, reason = "completed", ""
     bar = _progress(progress, total_steps, state.step)
@@ -124,7 +123,7 @@ def train(
         status, reason = "failed", f"out of memory at step {state.step + 1}"
     finally:
         bar.close()
-    return _finish(ctx, base, w0, method, status, reason, setup_time)
+    return _finish(ctx, base, w0, method, status, reason)
 
 
 @dataclass
@@ -219,9 +218,9 @@ def _report(ctx: _Ctx, extra: dict | None = None) -> dict:
     return metrics
 
 
-def _finish(ctx: _Ctx, base: dict, w0: dict, method, status: str, reason: str, setup_time: float) -> TrainResult:
+def _finish(ctx: _Ctx, base: dict, w0: dict, method, status: str, reason: str) -> TrainResult:
     cfg, state, model = ctx.cfg, ctx.state, ctx.model
-    final: dict[str, Any] = {"status": status, "reason": reason, "done": True, "setup_time_s": setup_time}
+    final: dict[str, Any] = {"status": status, "reason": reason, "done": True}  # setup_time_s is in ctx.static
     changes: list[dict] = []
     if status == "completed":
         final.update(_final_metrics(ctx, base))

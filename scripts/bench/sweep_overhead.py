@@ -218,21 +218,6 @@ def _events(lines: list) -> dict:
     return {"ready": ready, "fit_end": fit_end, "spans": spans, "printed_fit_wall_s": printed}
 
 
-def _setup_s(record) -> tuple[float | None, bool]:
-    """The trial's setup seconds, and whether estimated: a stopped trial never sent ``setup_time_s``.
-
-    Estimate: first_step_unix - start_unix - the mean step time up to its first report.
-    """
-    final = record.final
-    if final.get("setup_time_s") is not None:
-        return final["setup_time_s"], False
-    first = record.history[0] if record.history else {}
-    if final.get("first_step_unix") is None or final.get("start_unix") is None or not first.get("step"):
-        return None, False
-    step_s = (first.get("train_time_s") or 0.0) / first["step"]
-    return max(final["first_step_unix"] - final["start_unix"] - step_s, 0.0), True
-
-
 def analyse_sweep(sweep_dir: Path, timing: dict | None, wall_s: float | None, slots: int) -> dict:
     """Efficiency and where wall x slots went; ``timing`` from bench_timing.json, else ``wall_s`` (fit() only)."""
     from sweeps.records import load_records
@@ -240,11 +225,12 @@ def analyse_sweep(sweep_dir: Path, timing: dict | None, wall_s: float | None, sl
     records = load_records(sweep_dir / "trials.json")
     train = sum(r.final.get("train_time_s") or 0.0 for r in records)
     evals = sum(r.final.get("eval_time_s") or 0.0 for r in records)
-    setups = [_setup_s(r) for r in records]
-    setup = sum(s for s, _ in setups if s is not None)
+    # every report carries setup_time_s, so a trial stopped early has it too (older sweeps: missing)
+    setups = [r.final.get("setup_time_s") for r in records]
+    setup = sum(s for s in setups if s is not None)
     out: dict[str, Any] = {"sweep_dir": str(sweep_dir), "trials": len(records), "slots": slots,
                            "outcomes": _count(r.outcome or "?" for r in records),
-                           "setup_estimated": sum(est for _, est in setups), "setup_missing": sum(s is None for s, _ in setups)}
+                           "setup_missing": sum(s is None for s in setups)}
     parts = {"training": train, "setup": setup, "eval": evals}
     if timing is None:
         total = wall_s * slots
@@ -752,8 +738,6 @@ def _print(args, argv, spec, sweep, hf, reps, how) -> None:
     print(f"\nOrchestration efficiency = training s / (wall s x slots), target >= {TARGET:.2f}:\n")
     print("\n".join(table_efficiency(sweep, hf)))
     notes = []
-    if sweep["setup_estimated"]:
-        notes.append(f"setup of {sweep['setup_estimated']} stopped trial(s) estimated from start_unix/first_step_unix")
     if sweep["setup_missing"]:
         notes.append(f"{sweep['setup_missing']} trial(s) without setup figures (counted in the remainder)")
     if sweep.get("retried"):
