@@ -13,6 +13,7 @@ from collections import defaultdict
 from statistics import mean
 
 from sweeps.records import TrialRecord
+from trainer import curves
 
 METHOD_ORDER = ("full", "lora", "last_layer")
 
@@ -40,7 +41,8 @@ def _of(records, method):
 
 
 def best_trial(records: list[TrialRecord], method: str) -> TrialRecord | None:
-    ok = [r for r in _of(records, method) if r.outcome not in ("diverged", "pruned") and final_loss(r) is not None]
+    """The method's lowest final eval loss among trials that ran to the end (an overfit one counts: it is what was measured)."""
+    ok = [r for r in _of(records, method) if r.outcome not in ("diverged", "pruned", "unfinished") and final_loss(r) is not None]
     return min(ok, key=final_loss) if ok else None
 
 
@@ -55,7 +57,7 @@ def stable_window(records: list[TrialRecord], method: str, margin: float = 0.05)
         return None
     target = final_loss(best) * (1 + margin)
     good = [r.learning_rate for r in _of(records, method)
-            if r.outcome not in ("diverged", "pruned") and final_loss(r) is not None and final_loss(r) <= target]
+            if r.outcome not in ("diverged", "pruned", "unfinished") and final_loss(r) is not None and final_loss(r) <= target]
     not_diverged = [r.learning_rate for r in _of(records, method) if r.outcome != "diverged"]
     low = min(good)
     high = max([lr for lr in not_diverged if lr >= low], default=low)
@@ -106,9 +108,10 @@ def _method_findings(records, method) -> list[str]:
         low = min(diverged)
         above = [r for r in alive if r.learning_rate >= low]
         parts.append(f"diverged at lr >= {_fmt(low)} ({sum(r.outcome == 'diverged' for r in above)}/{len(above)} trials)")
-    osc = sorted({r.learning_rate for r in alive if r.outcome == "oscillating"})
-    if osc:
-        parts.append("oscillating at " + ", ".join(_fmt(x) for x in osc))
+    for outcome, words in (("overfit", "overfit or mismatched at"), ("oscillating", "oscillating at")):
+        lrs = sorted({r.learning_rate for r in alive if r.outcome == outcome})
+        if lrs:
+            parts.append(f"{words} " + ", ".join(_fmt(x) for x in lrs))
     window = stable_window(records, method)
     if window:
         parts.append(f"stable window {_fmt(window[0])} to {_fmt(window[1])}")
@@ -128,37 +131,72 @@ def _method_findings(records, method) -> list[str]:
     return [f"{method}: " + "; ".join(parts)]
 
 
+def _lrs(lrs: list[float], all_lrs: list[float]) -> str:
+    """'lr <= 1e-5' when these are the lowest LRs of the method, 'lr >= 1e-2' when the highest, else a list."""
+    lrs, all_lrs = sorted(set(lrs)), sorted(set(all_lrs))
+    if len(lrs) > 1 and lrs == all_lrs[: len(lrs)]:
+        return f"lr <= {_fmt(lrs[-1])}"
+    if len(lrs) > 1 and lrs == all_lrs[-len(lrs):]:
+        return f"lr >= {_fmt(lrs[0])}"
+    return "lr " + ", ".join(_fmt(x) for x in lrs)
+
+
+def _gain(r: TrialRecord) -> float | None:
+    return curves.gain(r.final.get("l0"), final_loss(r))
+
+
 def _too_low(records) -> list[str]:
+    """For every method: the learning rates at which every trial learned too little (outcome slow)."""
     l0s = [r.final.get("l0") for r in records if r.final.get("l0") is not None]
     losses = [final_loss(r) for r in records if final_loss(r) is not None]
     if not l0s or not losses:
         return []
-    achievable = max(l0s) - min(losses)
-    if achievable <= 0:
+    if max(l0s) - min(losses) <= 0:
         return ["no trial lowered the eval loss below the base model's: nothing was learned in this budget"]
     out = []
     for method in methods(records):
-        slow = [r for r in records if r.method == method and r.outcome in ("slow", "converged", "pruned")
-                and final_loss(r) is not None and (r.final.get("l0", 0) - final_loss(r)) < 0.1 * achievable]
-        if slow:
-            top = max(r.learning_rate for r in slow)
-            low_side = [r for r in records if r.method == method and r.learning_rate <= top]
-            if all(r in slow or r.outcome == "failed" for r in low_side):
-                out.append(f"{method}: lr <= {_fmt(top)} learned < 10% of the achievable loss drop in budget: too low for this budget")
+        mine = [r for r in records if r.method == method and r.outcome not in ("failed", "unfinished")]
+        by_lr: dict[float, list[TrialRecord]] = defaultdict(list)
+        for r in mine:
+            by_lr[r.learning_rate].append(r)
+        slow = [lr for lr, rs in by_lr.items() if all(r.outcome == "slow" for r in rs)]
+        if not slow:
+            continue
+        gains = [g for lr in slow for g in (_gain(r) for r in by_lr[lr]) if g is not None]
+        best = best_trial(records, method)
+        low = [lr for lr in slow if best is None or lr < best.learning_rate]
+        high = [lr for lr in slow if lr not in low]
+        against = f", against {_gain(best):.0%} at its best lr {_fmt(best.learning_rate)}" if best and _gain(best) is not None else ""
+        most = f"at most {max(gains):.0%} of l0" if gains else "little"
+        if low:
+            out.append(f"{method}: {_lrs(low, list(by_lr))} too low for this budget (gained {most}{against}): "
+                       "raise the learning rate or train longer")
+        if high:
+            out.append(f"{method}: {_lrs(high, list(by_lr))} learned little (gained {most}{against}) although above the best LR")
     return out
 
 
 def _overfitting(records) -> list[str]:
+    """For every method: the LRs whose training loss fell while the held-out loss rose (outcome overfit)."""
     out = []
-    for r in records:
-        evals = [(h["examples_seen"], h["eval_loss"]) for h in r.history if h.get("eval_loss") is not None]
-        trains = [h.get("train_loss_ema") for h in r.history if h.get("train_loss_ema") is not None]
-        if len(evals) >= 3 and len(trains) >= 3 and r.outcome in ("converged", "slow", "oscillating"):
-            low = min(range(len(evals)), key=lambda i: evals[i][1])
-            if low < len(evals) - 1 and evals[-1][1] > evals[low][1] * 1.02 and trains[-1] < trains[len(trains) // 2]:
-                out.append(f"{r.method} lr {_fmt(r.learning_rate)} bs {r.config.get('batch_size')}: eval loss rose after "
-                           f"{evals[low][0]} examples while train loss fell: overfitting")
-    return out[:5]
+    for method in methods(records):
+        mine = [r for r in records if r.method == method and r.outcome not in ("failed", "unfinished")]
+        over = [r for r in mine if r.outcome == "overfit"]
+        if not over:
+            continue
+        drops = [d for d in (curves.train_drop([h["train_loss"] for h in r.history if h.get("train_loss") is not None])
+                             for r in over) if d is not None]
+        above = any(r.final.get("eval_loss", 0) >= r.final.get("l0", float("inf")) for r in over)
+        fell = f"the training loss fell (by up to {max(drops):.0%})" if drops else "the training loss fell"
+        rose = "rose above the base model's" if above else "rose after its minimum"
+        out.append(f"{method}: at {_lrs([r.learning_rate for r in over], [r.learning_rate for r in mine])} {fell} but the "
+                   f"held-out loss {rose}: overfitting or a train/eval mismatch, not divergence. Try fewer epochs, a lower LR, "
+                   "or eval data drawn like the training data")
+        best = best_trial(records, method)
+        if best is not None and best.outcome == "overfit":
+            out.append(f"{method}: its best trial (lr {_fmt(best.learning_rate)}) overfit too: {best.evidence}; "
+                       "fewer epochs would end nearer its lowest held-out loss")
+    return out
 
 
 def _forgetting(records) -> list[str]:

@@ -1,96 +1,88 @@
-"""Curve classification: converged, slow, oscillating, diverged, pruned or failed, with the evidence.
+"""Curve classification: what happened to each trial, with the evidence in words and numbers.
 
-Criteria (DESIGN.md; thresholds calibrated on lr.yaml's curves), checked in order:
+The rules live once, in ``trainer.curves``, with the thresholds of the sweep's spec (``Thresholds``): the
+divergence that the map shows is the rule that stopped the trial. Checked in this order:
 
-1. failed: the trial process failed or the trainer reported status failed (e.g. out of memory).
-2. pruned: stopped by the sweep's rule (median, successive halving, ...) before it finished;
-   but if its loss had already risen above ``ROSE`` x its first report, it is diverged.
-3. diverged: stopped by the divergence rules; a non-finite loss; the smoothed loss above
-   ``DIVERGE_FACTOR`` x its running minimum (fastai and Lightning LR finders use 4); one report's
-   loss above ``SPIKE_FACTOR`` x the largest loss before it (Megatron's spiky-loss factor, 10);
-   or a final eval loss at or above the base model's l0 (training made it worse).
-4. oscillating: at least ``MIN_SPIKES`` spikes in the last quarter of the curve (a report's loss
-   >= ``SPIKE_RATIO`` x the mean of the preceding window, as in LLM Foundry's loss-spike callback,
-   or > mean + ``SPIKE_SIGMA`` sigma, as in OLMo-core), or the smoothed loss ending above
-   ``REBOUND`` x its minimum (it bounced back up).
-5. slow: the relative gain (l0 - final) / l0 is below ``SLOW_SHARE`` of the best trial's gain
-   while the tail of the smoothed curve is still clearly falling (by more than ``FALLING`` of l0
-   over its last third): the budget ran out before the learning rate did its work.
-6. converged: otherwise.
+1. failed: the trial process failed, or the trainer reported status failed (e.g. out of memory).
+2. pruned: stopped by the sweep's rule (median, successive halving, ...) before it finished; but if
+   its training loss was already going up (ended above ``ROSE`` x its first report), diverged.
+3. diverged: the *training* loss blew up: stopped by the divergence rule, the trainer's own stop,
+   a non-finite loss, the smoothed loss above ``factor`` x its running minimum, or one loss above
+   ``spike`` x the largest before it.
+4. unfinished: the sweep was interrupted while the trial ran (``--resume`` finishes it).
+5. overfit: the training loss fell, but the held-out loss rose clearly above its own minimum or
+   ended at or above the base model's l0: overfitting, or train data that does not match the eval
+   data. Not divergence: the cure is fewer epochs, a lower LR, or eval data drawn like the training data.
+6. oscillating: >= ``min_spikes`` loss spikes in the last quarter, or the smoothed loss ending
+   above ``rebound`` x its minimum.
+7. slow: it learned little: under ``low_gain`` of l0, or under ``low_share`` of its method's best
+   gain in the sweep, whether or not a short curve still looks like it is falling: the LR is too
+   low (or the run too short) for this budget.
+8. converged: it learned and settled.
 """
 from __future__ import annotations
 
-import math
-from statistics import mean, pstdev
-
 from sweeps.records import TrialRecord
+from trainer import curves
+from trainer.curves import Thresholds
 
-EMA_BETA = 0.98  # smoothing of the train loss (fastai, Lightning), bias-corrected
-DIVERGE_FACTOR = 4.0  # smoothed loss > 4x its running minimum (fastai/Lightning LR finders)
-SPIKE_FACTOR = 10.0  # one loss > 10x the largest seen so far (Megatron)
-SPIKE_RATIO = 2.0  # a spike: loss >= 2x the mean of the preceding window (LLM Foundry)
-SPIKE_SIGMA = 6.0  # ... or > mean + 6 sigma of that window (OLMo-core)
-SPIKE_WINDOW = 8  # reports in the preceding window
-MIN_SPIKES = 3  # spikes in the last quarter that make a curve oscillating
-REBOUND = 1.1  # smoothed loss ending > 1.1x its minimum
-SLOW_SHARE = 0.25  # gain below a quarter of the best trial's gain ...
-FALLING = 0.02  # ... while the smoothed tail still falls by > 2% of l0
 ROSE = 1.3  # a pruned curve ending > 1.3x its first report's loss was diverging, not merely behind
 
 
-def classify_all(records: list[TrialRecord]) -> None:
-    """Set ``outcome`` and ``evidence`` on every record (the best gain is taken over the sweep)."""
-    gains = [g for g in (_gain(r) for r in records if not _failed(r)) if g is not None]
-    best = max(gains) if gains else None
+def classify_all(records: list[TrialRecord], thresholds: Thresholds | None = None) -> None:
+    """Set ``outcome`` and ``evidence`` on every record (each method's best gain is taken over the sweep)."""
+    t = thresholds or Thresholds()
+    best: dict[str, float] = {}
+    for r in records:
+        g = _gain(r)
+        if g is not None and not _failed(r) and r.final.get("done"):
+            best[r.method] = max(best.get(r.method, g), g)
     for record in records:
-        record.outcome, record.evidence = classify(record, best_gain=best)
+        record.outcome, record.evidence = classify(record, best_gain=best.get(record.method), thresholds=t)
 
 
-def classify(record: TrialRecord, *, best_gain: float | None) -> tuple[str, str]:
+def classify(record: TrialRecord, *, best_gain: float | None, thresholds: Thresholds | None = None) -> tuple[str, str]:
     """The outcome of one trial and the evidence for it, in words with the numbers."""
+    t = thresholds or Thresholds()
     if _failed(record):
         return "failed", record.error or record.final.get("reason") or "the trial failed"
     stop = record.stopped_by or ""
+    losses = [h.get("train_loss") for h in record.history]
     if stop.startswith("pruned"):
-        rose = _rose(record)  # stopped by the rule, but the curve itself was already going up
+        rose = _rose(losses)  # stopped by the rule, but the training loss itself was already going up
         return ("diverged", f"{rose} ({stop})") if rose else ("pruned", stop)
     if stop.startswith("diverged"):
         return "diverged", stop.removeprefix("diverged: ")
     if record.final.get("status") == "diverged":
         return "diverged", record.final.get("reason") or "the trainer stopped on a non-finite loss"
-    losses = [h.get("train_loss") for h in record.history]
-    if any(v is None for v in losses) and losses:
-        return "diverged", "a non-finite train loss"
-    losses = [v for v in losses if v is not None]
-    smooth = _smoothed(record, losses)
-    verdict = _diverged(record, losses, smooth)
-    if verdict:
-        return "diverged", verdict
+    smoothed = _smoothed(record, losses)
+    hit = curves.first_divergence(losses, smoothed, t)
+    if hit:
+        i, reason = hit
+        return "diverged", f"{reason} at {_seen(record, i)}"
     if not record.final.get("done"):  # the sweep was interrupted (Ctrl-C, a killed driver) while it ran
         seen = record.history[-1].get("examples_seen") if record.history else 0
         return "unfinished", f"interrupted at {seen} examples; --resume finishes it"
-    verdict = _oscillating(record, losses, smooth)
+    verdict = curves.overfit(losses, _evals(record), _l0(record), t)
+    if verdict:
+        return "overfit", verdict
+    verdict = _oscillating(record, losses, smoothed, t)
     if verdict:
         return "oscillating", verdict
-    verdict = _slow(record, smooth, best_gain)
-    if verdict:
-        return "slow", verdict
     gain = _gain(record)
-    return "converged", (f"eval loss {record.final.get('eval_loss', float('nan')):.3f} from l0 {_l0(record):.3f} "
-                         f"(gained {gain:.0%} of l0)" if gain is not None else "finished without a sign of trouble")
+    verdict = curves.low_gain(gain, best_gain, t)
+    if verdict:
+        return "slow", f"{verdict}: the LR is too low (or the run too short) for this budget"
+    final = record.final.get("eval_loss", float("nan"))
+    return "converged", (f"eval loss {final:.3f} from l0 {_l0(record):.3f} (gained {gain:.0%} of l0)"
+                         if gain is not None else "finished without a sign of trouble")
 
 
-def _rose(record: TrialRecord) -> str | None:
-    """A stopped run that was getting worse, not slower: its curve ended above ``ROSE`` x where it started,
-    or its last held-out loss was no better than the base model's l0."""
-    losses = [h.get("train_loss") for h in record.history if h.get("train_loss") is not None]
-    if len(losses) >= 2 and losses[0] > 0 and losses[-1] > ROSE * losses[0]:
-        return f"loss rose from {losses[0]:.2f} to {losses[-1]:.2f}"
-    evals = [h for h in record.history if h.get("eval_loss") is not None]
-    l0 = _l0(record)
-    if evals and l0 is not None and evals[-1]["eval_loss"] >= l0:
-        last = evals[-1]
-        return f"eval loss {last['eval_loss']:.2f} >= base {l0:.2f} at {last.get('examples_seen', '?')} examples"
+def _rose(losses: list[float | None]) -> str | None:
+    """A stopped run whose training loss was getting worse, not slower: it ended above ``ROSE`` x where it started."""
+    seen = [v for v in losses if v is not None]
+    if len(seen) >= 2 and seen[0] > 0 and seen[-1] > ROSE * seen[0]:
+        return f"train loss rose from {seen[0]:.2f} to {seen[-1]:.2f}"
     return None
 
 
@@ -106,21 +98,25 @@ def _l0(r: TrialRecord) -> float | None:
 
 
 def _gain(r: TrialRecord) -> float | None:
-    l0, final = _l0(r), r.final.get("eval_loss")
-    if l0 is None or final is None or l0 <= 0 or not math.isfinite(final):
-        return None
-    return (l0 - final) / l0
+    return curves.gain(_l0(r), r.final.get("eval_loss"))
 
 
-def _smoothed(record: TrialRecord, losses: list[float]) -> list[float]:
+def _evals(r: TrialRecord) -> list[tuple[int, float]]:
+    """(examples seen, held-out loss) in order, ending with the final eval."""
+    out = [(h.get("examples_seen", 0), h["eval_loss"]) for h in r.history if h.get("eval_loss") is not None]
+    final = r.final.get("eval_loss")
+    if final is not None and (not out or out[-1][1] != final):
+        out.append((r.final.get("examples_seen", out[-1][0] if out else 0), final))
+    return out
+
+
+def _smoothed(record: TrialRecord, losses: list[float | None]) -> list[float | None]:
     given = [h.get("train_loss_ema") for h in record.history]
     if given and all(v is not None for v in given):
         return given
-    out, ema = [], 0.0
-    for n, value in enumerate(losses, start=1):
-        ema = EMA_BETA * ema + (1 - EMA_BETA) * value
-        out.append(ema / (1 - EMA_BETA**n))
-    return out
+    if all(v is not None for v in losses):
+        return curves.smooth(losses)
+    return [None] * len(losses)
 
 
 def _seen(record: TrialRecord, i: int) -> str:
@@ -129,44 +125,12 @@ def _seen(record: TrialRecord, i: int) -> str:
     return f"report {i + 1}"
 
 
-def _diverged(record: TrialRecord, losses: list[float], smooth: list[float]) -> str | None:
-    running = math.inf
-    for i, value in enumerate(smooth):
-        running = min(running, value)
-        if value > DIVERGE_FACTOR * running:
-            return f"smoothed loss {value / running:.1f}x its minimum at {_seen(record, i)}"
-    for i in range(1, len(losses)):
-        top = max(losses[:i])
-        if top > 0 and losses[i] > SPIKE_FACTOR * top:
-            return f"loss jumped to {losses[i]:.3g}, {losses[i] / top:.0f}x the largest before it, at {_seen(record, i)}"
-    l0, final = _l0(record), record.final.get("eval_loss")
-    if l0 is not None and final is not None and record.final.get("done") and final >= l0:
-        return f"eval loss {final:.3f} >= base {l0:.3f}: training made it worse"
-    return None
-
-
-def _oscillating(record: TrialRecord, losses: list[float], smooth: list[float]) -> str | None:
-    start = len(losses) - max(1, len(losses) // 4)
-    spikes = []
-    for i in range(max(start, 2), len(losses)):
-        window = losses[max(0, i - SPIKE_WINDOW) : i]
-        m, s = mean(window), pstdev(window) if len(window) > 1 else 0.0
-        if losses[i] >= SPIKE_RATIO * m or (s > 0 and losses[i] > m + SPIKE_SIGMA * s):
-            spikes.append(i)
-    if len(spikes) >= MIN_SPIKES:
-        return f"{len(spikes)} loss spikes in the last quarter (from {_seen(record, spikes[0])})"
-    if smooth and min(smooth) > 0 and smooth[-1] > REBOUND * min(smooth):
-        low = smooth.index(min(smooth))
-        return f"smoothed loss ended {smooth[-1] / min(smooth):.2f}x its minimum (reached at {_seen(record, low)}): it rebounded"
-    return None
-
-
-def _slow(record: TrialRecord, smooth: list[float], best_gain: float | None) -> str | None:
-    gain, l0 = _gain(record), _l0(record)
-    if gain is None or best_gain is None or best_gain <= 0 or l0 is None or len(smooth) < 3:
-        return None
-    tail = smooth[-max(2, len(smooth) // 3) :]
-    falling = (tail[0] - tail[-1]) / l0
-    if gain < SLOW_SHARE * best_gain and falling > FALLING:
-        return f"gained {gain:.0%} of l0 vs the best trial's {best_gain:.0%}, and still falling: too slow for this budget"
+def _oscillating(record: TrialRecord, losses: list[float], smoothed: list[float], t: Thresholds) -> str | None:
+    found = curves.spikes(losses, t)
+    if len(found) >= t.min_spikes:
+        return f"{len(found)} loss spikes in the last quarter (from {_seen(record, found[0])})"
+    hit = curves.rebound(smoothed, t)
+    if hit:
+        low, ratio = hit
+        return f"smoothed loss ended {ratio:.2f}x its minimum (reached at {_seen(record, low)}): it rebounded"
     return None

@@ -97,6 +97,7 @@ def _check_resume(spec: SweepSpec, sweep_dir: Path, resume: bool) -> bool:
 
 def _preflight_data(spec: SweepSpec) -> None:
     """Read the data and the model before Ray starts: bad input fails in seconds, with nothing written."""
+    from trainer.config import TrainConfig
     from trainer.data import load_records, split_records, tokenize
     from trainer.models import load_tokenizer, resolve_model_dir
 
@@ -104,10 +105,12 @@ def _preflight_data(spec: SweepSpec) -> None:
         train = load_records(spec.data.train)
     except UserError as exc:
         raise UserError(f"{spec.source}: data.train: {exc}") from None
+    base = TrainConfig.model_validate(spec.base_train())  # resolves the eval source, as every trial will
     try:
-        _, ev = split_records(train, spec.data.eval, spec.data.eval_fraction, 0)
+        train_part, ev = split_records(train, base.eval_data, base.eval_fraction)
     except UserError as exc:
         raise UserError(f"{spec.source}: data.eval: {exc}") from None
+    print(f"{base.eval_plan()}: {len(ev)} eval records, {len(train_part)} training records", flush=True)
     try:
         model_dir = resolve_model_dir(spec.model)  # converts the packaged model once per machine
     except UserError as exc:

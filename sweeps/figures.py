@@ -14,11 +14,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
 from sweeps.analysis import best_trial, final_loss, lr_sensitivity, methods, stable_window  # noqa: E402
+from sweeps.records import LABELS, OUTCOMES  # noqa: E402
 
 OUTCOME_COLORS = {
-    "converged": "#2a9d3f", "slow": "#8ecae6", "oscillating": "#f4a261",
+    "converged": "#2a9d3f", "slow": "#8ecae6", "oscillating": "#f4a261", "overfit": "#7b2cbf",
     "diverged": "#d62828", "pruned": "#9e9e9e", "failed": "#000000", "unfinished": "#e0d7c6",
 }
+assert set(OUTCOME_COLORS) == set(OUTCOMES), "every outcome has a colour"
 _DPI = 110
 
 
@@ -76,8 +78,8 @@ def map_figure(records, out: Path) -> Path:
         ax.set_xlabel("learning rate")
         ax.set_ylabel(ykey.replace("_", " "))
         ax.grid(alpha=0.25)
-    handles = [plt.Line2D([], [], marker="s", ls="", color=c, markersize=9, label=o) for o, c in OUTCOME_COLORS.items()]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=8)
+    handles = [plt.Line2D([], [], marker="s", ls="", color=c, markersize=9, label=LABELS[o]) for o, c in OUTCOME_COLORS.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=4 if len(ms) < 2 else len(handles), frameon=False, fontsize=8)
     fig.subplots_adjust(bottom=0.25)
     if not ms:
         _empty(axes[0])
@@ -103,6 +105,8 @@ def curves_figure(records, out: Path) -> Path:
                 continue
             color = cmap(norm(r.learning_rate))
             ax.plot(*zip(*pts), color=color, lw=1.2, alpha=0.9, ls="--" if r.outcome in ("pruned", "diverged") else "-")
+            if r.outcome == "overfit":  # its held-out loss rose while this train curve fell
+                ax.plot(*pts[-1], marker="^", color=OUTCOME_COLORS["overfit"], markersize=7, zorder=5)
             ev = [(h["examples_seen"], h["eval_loss"]) for h in r.history if h.get("eval_loss") is not None]
             if ev:
                 ax.plot(*zip(*ev), "o", color=color, markersize=4)
@@ -111,7 +115,7 @@ def curves_figure(records, out: Path) -> Path:
             _empty(ax)
             continue
         ax.set_yscale("log")
-        ax.set_title(f"{method} (dashed: stopped early; dots: eval)", fontsize=9)
+        ax.set_title(f"{method} (dashed: stopped early; dots: eval; ^: overfit)", fontsize=9)
         ax.set_xlabel("examples seen")
         ax.set_ylabel("loss")
         ax.grid(alpha=0.25)

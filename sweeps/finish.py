@@ -13,7 +13,7 @@ def finish_sweep(spec: SweepSpec, sweep_dir: Path, records: list[TrialRecord], t
     from sweeps.classify import classify_all
     from sweeps.report import build_report
 
-    classify_all(records)
+    classify_all(records, spec.thresholds())
     save_records(records, sweep_dir / "trials.json")
     for r in records:
         if r.outcome:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sweeps.analysis import final_loss
 from sweeps.figures import OUTCOME_COLORS
+from sweeps.records import LABELS
 
 _CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1400px;color:#222}
 h1{font-size:22px}h2{font-size:17px;margin-top:28px}img{max-width:100%;border:1px solid #eee}
@@ -19,6 +20,8 @@ def write_html(records, figures: list[Path], findings: list[str], out: Path, tit
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>", "<h2>Diagnosis</h2><ul>"]
     parts += [f"<li>{html.escape(f)}</li>" for f in findings] + ["</ul>"]
+    parts.append("<p>" + " ".join(f"<span class='o' style='background:{c}'>{html.escape(LABELS[o])}</span>"
+                                  for o, c in OUTCOME_COLORS.items()) + "</p>")
     for fig in figures:
         data = base64.b64encode(Path(fig).read_bytes()).decode()
         parts.append(f"<h2>{html.escape(Path(fig).stem)}</h2><img alt='{Path(fig).stem}' src='data:image/png;base64,{data}'>")

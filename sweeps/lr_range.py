@@ -11,27 +11,20 @@ from __future__ import annotations
 
 import math
 
+from trainer.curves import EMA_BETA, DivergenceRule, smooth
+
 STOP_FACTOR = 4.0
 
 
-def smooth(losses: list[float], beta: float = 0.98) -> list[float]:
-    out, ema = [], 0.0
-    for n, value in enumerate(losses, start=1):
-        ema = beta * ema + (1 - beta) * value
-        out.append(ema / (1 - beta**n))
-    return out
-
-
-def suggest(lrs: list[float], losses: list[float], beta: float = 0.98) -> dict:
+def suggest(lrs: list[float], losses: list[float], beta: float = EMA_BETA) -> dict:
     if len(lrs) != len(losses) or len(lrs) < 3:
         raise ValueError(f"need matching lrs and losses, at least 3 points (got {len(lrs)} and {len(losses)})")
     s = smooth(losses, beta)
     i_min = min(range(len(s)), key=s.__getitem__)
     diverge = None
-    running = math.inf
+    rule = DivergenceRule(STOP_FACTOR, spike=None)
     for i, value in enumerate(s):
-        running = min(running, value)
-        if value > STOP_FACTOR * running:
+        if rule.check(None, value):
             diverge = lrs[max(i - 1, 0)]
             break
     steepest = None

@@ -39,8 +39,11 @@ def records_from_experiment(name: str, uri: str | None = None):
         raise UserError(f"{name}: the MLflow experiment has no trial runs")
     records = [_record(client, run) for run in children]
     from sweeps.classify import classify_all
+    from trainer.curves import Thresholds
 
-    classify_all(records)
+    params = parents[0].data.params if parents else {}
+    keys = {"factor": "pruning.divergence.factor", "spike": "pruning.divergence.spike"}
+    classify_all(records, Thresholds(**{k: float(params[p]) for k, p in keys.items() if p in params}))
     return records, name
 
 

@@ -31,13 +31,14 @@ from ray.tune import Stopper
 from ray.tune.search.optuna import OptunaSearch
 
 from sweeps.spec import Pruning, SweepSpec
+from trainer.curves import DivergenceRule
 
 log = logging.getLogger(__name__)
 _LIVE: dict[str, "PruningSearch"] = {}
 
 
 class DivergenceMonitor:
-    """The divergence rules for one trial, fed one report at a time.
+    """The divergence rule (``trainer.curves.DivergenceRule``, the spec's thresholds) for one trial, fed one report at a time.
 
     A non-finite value (or the trainer's own diverged status) stops the trial at once. The loss rules
     (spike, smoothed-loss factor) stop it no earlier than its ``min_reports``-th report, so that every
@@ -45,10 +46,9 @@ class DivergenceMonitor:
     """
 
     def __init__(self, factor: float, spike: float, min_reports: int):
-        self.factor, self.spike, self.min_reports = factor, spike, min_reports
+        self.rule = DivergenceRule(factor, spike)
+        self.min_reports = min_reports
         self.reports = 0
-        self.ema_min = math.inf
-        self.loss_max = -math.inf
         self.pending: str | None = None
 
     def update(self, result: dict[str, Any]) -> str | None:
@@ -57,24 +57,15 @@ class DivergenceMonitor:
         seen = result.get("examples_seen", "?")
         if result.get("status") == "diverged":
             return f"diverged: {result.get('reason') or 'reported by the trainer'}"
-        loss, ema, norm = result.get("train_loss"), result.get("train_loss_ema"), result.get("grad_norm")
-        for name, value in (("loss", loss), ("smoothed loss", ema), ("grad norm", norm)):
-            if value is not None and not math.isfinite(value):
-                return f"diverged: non-finite {name} at {seen} examples"
-        self.pending = self.pending or self._loss_rules(loss, ema, seen)
+        norm = result.get("grad_norm")
+        if norm is not None and not math.isfinite(norm):
+            return f"diverged: non-finite grad norm at {seen} examples"
+        reason = self.rule.check(result.get("train_loss"), result.get("train_loss_ema"))
+        if reason and reason.startswith("non-finite"):
+            return f"diverged: {reason} at {seen} examples"
+        if reason and not self.pending:
+            self.pending = f"diverged: {reason} at {seen} examples"
         return self.pending if self.reports >= self.min_reports else None
-
-    def _loss_rules(self, loss: float | None, ema: float | None, seen: Any) -> str | None:
-        reason = None
-        if loss is not None:
-            if self.loss_max > 0 and loss > self.spike * self.loss_max:
-                reason = f"diverged: loss {loss:.3g} jumped past {self.spike:g}x the largest so far ({self.loss_max:.3g}) at {seen} examples"
-            self.loss_max = max(self.loss_max, loss)
-        if ema is not None:
-            self.ema_min = min(self.ema_min, ema)
-            if reason is None and ema > self.factor * self.ema_min:
-                reason = f"diverged: smoothed loss {ema / self.ema_min:.1f}x its minimum at {seen} examples"
-        return reason
 
 
 def make_pruner(p: Pruning, report_every: int, total_examples: int) -> optuna.pruners.BasePruner:

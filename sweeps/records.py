@@ -6,10 +6,36 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
-OUTCOMES = ("converged", "slow", "oscillating", "diverged", "pruned", "failed", "unfinished")
+
+class Outcome(str, Enum):
+    """What happened to a trial (``sweeps.classify``). Stored in records as the plain string value."""
+
+    CONVERGED = "converged"
+    SLOW = "slow"
+    OSCILLATING = "oscillating"
+    OVERFIT = "overfit"
+    DIVERGED = "diverged"
+    PRUNED = "pruned"
+    FAILED = "failed"
+    UNFINISHED = "unfinished"
+
+
+OUTCOMES = tuple(o.value for o in Outcome)
+# How each outcome is named in the map's legend, the HTML report and the README table.
+LABELS = {
+    "converged": "converged",
+    "slow": "slow / LR too low",
+    "oscillating": "oscillating",
+    "overfit": "overfit / mismatch",
+    "diverged": "diverged (train loss)",
+    "pruned": "pruned",
+    "failed": "failed",
+    "unfinished": "unfinished",
+}
 
 
 @dataclass

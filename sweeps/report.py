@@ -64,11 +64,24 @@ def load_sweep(target: str):
             records = collect_records(path)
         if not records:
             raise UserError(f"{target}: no trials found in this folder")
-        classify_all(records)  # always with the current thresholds
+        classify_all(records, sweep_thresholds(path))  # always with the current rules and the spec's thresholds
         return records, path
     from sweeps.mlflow_records import records_from_experiment
 
     return records_from_experiment(target)
+
+
+def sweep_thresholds(sweep_dir: Path):
+    """The curve thresholds of the sweep's own spec (its spec.json); the defaults without one."""
+    import json
+
+    from trainer.curves import Thresholds
+
+    saved = Path(sweep_dir) / "spec.json"
+    if not saved.is_file():
+        return Thresholds()
+    divergence = json.loads(saved.read_text()).get("spec", {}).get("pruning", {}).get("divergence", {})
+    return Thresholds(**{k: float(divergence[k]) for k in ("factor", "spike") if k in divergence})
 
 
 @cli_errors

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer.config import TrainConfig
+from trainer.curves import Thresholds
 from trainer.errors import UserError
 from trainer.methods import METHODS
 from trainer.yamlio import apply_overrides, read_yaml, validation_message
@@ -169,10 +170,19 @@ class Tracking(BaseModel):
 
 
 class Data(BaseModel):
+    """Where the trials train and what they are evaluated on. With no ``eval`` and no ``eval_fraction``, the
+    built-in facts are evaluated on their paraphrases and a user's file on a held-out 10% of it (TrainConfig)."""
+
     model_config = _STRICT
     train: str = "builtin:facts"
-    eval: str | None = "builtin:facts-heldout"
-    eval_fraction: float = Field(0.0, ge=0, lt=1)
+    eval: str | None = None
+    eval_fraction: float | None = Field(None, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> "Data":
+        if self.eval is not None and self.eval_fraction:
+            raise ValueError("give eval (a file) or eval_fraction (a held-out share of train), not both")
+        return self
 
 
 class SweepSpec(BaseModel):
@@ -235,6 +245,11 @@ class SweepSpec(BaseModel):
 
     def sweep_dir(self) -> Path:
         return Path(self.output_dir).resolve() / self.name
+
+    def thresholds(self) -> Thresholds:
+        """The curve rules' thresholds: the divergence that stops a trial is the one that classifies it."""
+        d = self.pruning.divergence
+        return Thresholds(factor=d.factor, spike=d.spike)
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]

@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from trainer.yamlio import apply_overrides, read_yaml, validate
 
 
+DEFAULT_HOLDOUT = 0.1  # share of a user's training file held out for the held-out loss when no eval data is given
+
+
 class TrainConfig(BaseModel):
     """One run. Frozen: build a new one with ``model_copy(update=...)``."""
 
@@ -36,8 +39,12 @@ class TrainConfig(BaseModel):
 
     # --- data ------------------------------------------------------------
     train_data: str = "builtin:facts"  # JSONL path (prompt/completion or messages) or builtin:facts
-    eval_data: str | None = "builtin:facts-heldout"  # JSONL path, builtin:..., or None to hold out eval_fraction
-    eval_fraction: float = Field(0.0, ge=0, lt=1)  # with eval_data None: this share of train_data is held out
+    eval_data: str | None = None
+    """JSONL path or builtin:...; None: the built-in facts' paraphrases for builtin:facts, else ``eval_fraction`` of
+    the training file is held out. A user's training file is never evaluated on built-in data unless asked."""
+    eval_fraction: float | None = Field(None, ge=0, lt=1)
+    """With eval_data None: this share of train_data is held out (seeded, at least one record); None: 0.1 for a
+    user's file; 0: evaluate on the training set itself (memorization only)."""
     max_examples: int | None = Field(None, ge=1)  # cap on training examples (after the split)
     seq_len: int = Field(64, ge=8)  # longer records are truncated with a warning
     prompt_loss_weight: float = Field(0.0, ge=0, le=1)  # 0 = completion-only loss, 1 = whole sequence
@@ -91,6 +98,22 @@ class TrainConfig(BaseModel):
             raise ValueError("fault must look like nan@K, explode@K, oom@K or crash@K")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _eval_source(cls, data: Any) -> Any:
+        """Resolve where the held-out loss comes from, once (see ``eval_data``)."""
+        if not isinstance(data, dict):
+            return data
+        train, ev, frac = data.get("train_data", "builtin:facts"), data.get("eval_data"), data.get("eval_fraction")
+        if ev is not None and frac:
+            raise ValueError("give eval_data or eval_fraction, not both")
+        if ev is None and frac is None:
+            if isinstance(train, str) and train.startswith("builtin:facts") and not train.startswith("builtin:facts-heldout"):
+                data = {**data, "eval_data": "builtin:facts-heldout"}
+            else:
+                data = {**data, "eval_fraction": DEFAULT_HOLDOUT}
+        return data
+
     @model_validator(mode="after")
     def _report_cadence(self) -> "TrainConfig":
         if self.eval_every is not None and self.eval_every % self.report_every:
@@ -98,6 +121,15 @@ class TrainConfig(BaseModel):
                 f"eval_every ({self.eval_every}) must be a multiple of report_every ({self.report_every})"
             )
         return self
+
+    def eval_plan(self) -> str:
+        """Where the held-out loss comes from, in words (printed at the start of a run or sweep)."""
+        if self.eval_data:
+            return f"eval data: {self.eval_data}"
+        if self.eval_fraction:
+            return (f"eval data: {self.eval_fraction:.0%} of {self.train_data} held out (seeded, at least one record); "
+                    "set eval_data to evaluate on a file of your own")
+        return "eval data: none; the held-out loss is measured on the training set itself"
 
     @property
     def examples_per_step(self) -> int:

@@ -94,18 +94,22 @@ def _parse_messages(messages: object, where: str) -> tuple[tuple[str, str], ...]
     return tuple(out)
 
 
+SPLIT_SEED = 0  # the held-out share is the same for every trial, whatever the trial's own seed
+
+
 def split_records(
-    train: list[Record], eval_source: str | None, eval_fraction: float, seed: int
+    train: list[Record], eval_source: str | None, eval_fraction: float | None, seed: int = SPLIT_SEED
 ) -> tuple[list[Record], list[Record]]:
     """The train and eval records: a separate eval source, a held-out fraction, or (neither) the train set."""
     if eval_source:
         return train, load_records(eval_source)
-    if eval_fraction > 0:
+    if eval_fraction:
         order = list(range(len(train)))
         random.Random(seed).shuffle(order)
         n_eval = max(1, round(len(train) * eval_fraction))
         if n_eval >= len(train):
-            raise UserError(f"eval_fraction={eval_fraction} leaves no training records out of {len(train)}")
+            raise UserError(f"holding out {eval_fraction:.0%} for eval leaves no training records out of {len(train)}: "
+                            "give eval data of your own (eval_data, or data.eval in a sweep spec)")
         held = set(order[:n_eval])
         return [r for i, r in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
     warnings.warn("no eval data and eval_fraction=0: eval_loss is measured on the training set", stacklevel=2)

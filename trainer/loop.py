@@ -25,6 +25,7 @@ import torch
 
 from trainer import base_eval
 from trainer.config import TrainConfig
+from trainer.curves import DivergenceRule, Smoother
 from trainer.data import collate, example_stream, load_records, split_records, tokenize
 from trainer.methods import get_method, trainable_summary
 from trainer.metrics import change_by_block, evaluate, token_nll, weight_change, weighted_loss
@@ -57,9 +58,8 @@ class _State:
     tokens_since: int = 0
     loss_sum: float = 0.0
     loss_count: int = 0
-    ema: float = 0.0  # biased EMA; divided by (1 - beta^n) when read
-    ema_n: int = 0
-    running_min: float = math.inf
+    smoother: Smoother = field(default_factory=Smoother)  # the train loss's EMA (trainer.curves)
+    stop_rule: DivergenceRule | None = None  # cfg.stop_factor's rule: the same rule the sweep stops and classifies with
     grad_norm: float | None = None
     train_time: float = 0.0
     train_time_mark: float = 0.0  # train_time at the previous report, for tokens/s
@@ -96,7 +96,8 @@ def train(
     optimizer = _optimizer(cfg, model, device)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train_ex) / cfg.examples_per_step))
     scheduler = _scheduler(cfg, optimizer, total_steps)
-    state = _State()
+    state = _State(smoother=Smoother(cfg.ema_beta),
+                   stop_rule=DivergenceRule(cfg.stop_factor, spike=None) if cfg.stop_factor else None)
     if resume_from is not None:
         _load_checkpoint(Path(resume_from), model, optimizer, scheduler, state)
     stream = example_stream(train_ex, seed=cfg.seed)
@@ -116,7 +117,7 @@ def train(
             crossed = state.examples_seen // cfg.report_every > (state.examples_seen - cfg.examples_per_step) // cfg.report_every
             if crossed and state.step < total_steps:  # the last step's report is the final one, in _finish
                 _report(ctx)
-                bar.set_postfix(loss=f"{_ema(state, cfg):.3f}")
+                bar.set_postfix(loss=f"{state.smoother.value:.3f}")
     except _Diverged as exc:
         status, reason = "diverged", str(exc)
     except torch.OutOfMemoryError:
@@ -175,11 +176,10 @@ def _train_step(ctx: _Ctx, stream, params, *, resumed: bool) -> None:
     state.loss_sum += total
     state.loss_count += 1
     state.grad_norm = norm.item()
-    state.ema = cfg.ema_beta * state.ema + (1 - cfg.ema_beta) * total
-    state.ema_n += 1
-    state.running_min = min(state.running_min, _ema(state, cfg))
-    if cfg.stop_factor and state.ema_n > 1 and _ema(state, cfg) > cfg.stop_factor * state.running_min:
-        raise _Diverged(f"smoothed loss {_ema(state, cfg) / state.running_min:.1f}x its minimum at step {step}")
+    smoothed = state.smoother.update(total)
+    reason = state.stop_rule.check(total, smoothed) if state.stop_rule else None
+    if reason:
+        raise _Diverged(f"{reason} at step {step}")
     state.train_time += time.perf_counter() - t0
 
 
@@ -190,7 +190,7 @@ def _report(ctx: _Ctx, extra: dict | None = None) -> dict:
         "examples_seen": state.examples_seen,
         "epoch": state.examples_seen / len(ctx.train_ex),
         "train_loss": state.loss_sum / max(state.loss_count, 1) if state.loss_count else None,
-        "train_loss_ema": _ema(state, cfg) if state.ema_n else None,
+        "train_loss_ema": state.smoother.value if state.smoother.n else None,
         "grad_norm": state.grad_norm,
         "lr": ctx.scheduler.get_last_lr()[0],
         "tokens_per_s": state.tokens_since / max(state.train_time - state.train_time_mark, 1e-9),
@@ -269,7 +269,7 @@ def _final_metrics(ctx: _Ctx, base: dict) -> dict[str, Any]:
 
 def _datasets(cfg: TrainConfig, tokenizer):
     train_records = load_records(cfg.train_data)
-    train_records, eval_records = split_records(train_records, cfg.eval_data, cfg.eval_fraction, cfg.seed)
+    train_records, eval_records = split_records(train_records, cfg.eval_data, cfg.eval_fraction)
     if cfg.max_examples:
         train_records = train_records[: cfg.max_examples]
     return (
@@ -297,10 +297,6 @@ def _scheduler(cfg: TrainConfig, optimizer, total_steps: int):
 
     return get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * total_steps),
                          num_training_steps=total_steps)
-
-
-def _ema(state: _State, cfg: TrainConfig) -> float:
-    return state.ema / (1 - cfg.ema_beta**state.ema_n) if state.ema_n else float("nan")
 
 
 def _device(cfg: TrainConfig) -> torch.device:

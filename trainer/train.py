@@ -52,9 +52,10 @@ def _check_data_early(cfg) -> None:
     """Read the data files before loading a model, so bad data fails in a second, not after a load."""
     from trainer.data import load_records
 
-    load_records(cfg.train_data)
-    if cfg.eval_data:
-        load_records(cfg.eval_data)
+    from trainer.data import split_records
+
+    _, held_out = split_records(load_records(cfg.train_data), cfg.eval_data, cfg.eval_fraction)
+    print(f"{cfg.eval_plan()} ({len(held_out)} records)", flush=True)
 
 
 if __name__ == "__main__":

@@ -101,3 +101,42 @@ def test_bad_data_names_file_and_line(tmp_path, name, rows, message):
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")) as exc:
         load_records(str(path))
     assert str(path) in str(exc.value)
+
+
+# --- where the held-out loss comes from -------------------------------------------------------------
+
+
+def test_the_built_in_facts_are_evaluated_on_their_paraphrases_by_default():
+    from trainer.config import TrainConfig
+
+    cfg = TrainConfig(train_data="builtin:facts:16")
+    assert (cfg.eval_data, cfg.eval_fraction) == ("builtin:facts-heldout", None)
+
+
+def test_a_users_file_without_eval_data_holds_out_a_seeded_tenth_never_builtin_data(tmp_path):
+    from trainer.config import TrainConfig
+
+    f = _write(tmp_path / "mine.jsonl", [{"prompt": f"q{i}", "completion": f" a{i}"} for i in range(25)])
+    cfg = TrainConfig(train_data=f)
+    assert cfg.eval_data is None and cfg.eval_fraction == pytest.approx(0.1)
+    assert "10% of" in cfg.eval_plan() and "held out" in cfg.eval_plan()
+    train, held = split_records(load_records(f), cfg.eval_data, cfg.eval_fraction)
+    assert (len(train), len(held)) == (23, 2)  # round(2.5): 2
+    assert not {r.source for r in train} & {r.source for r in held}
+    # the same share for every trial, whatever the trial's own seed
+    assert split_records(load_records(f), None, 0.1)[1] == held
+
+
+def test_a_one_record_file_without_eval_data_is_a_user_error_that_asks_for_eval_data(tmp_path):
+    f = _write(tmp_path / "one.jsonl", [{"prompt": "q", "completion": " a"}])
+    with pytest.raises(UserError, match="leaves no training records out of 1: give eval data of your own"):
+        split_records(load_records(f), None, 0.1)
+
+
+def test_eval_data_and_eval_fraction_together_are_refused():
+    from pydantic import ValidationError
+
+    from trainer.config import TrainConfig
+
+    with pytest.raises(ValidationError, match="not both"):
+        TrainConfig(train_data="x.jsonl", eval_data="y.jsonl", eval_fraction=0.2)
