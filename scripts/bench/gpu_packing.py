@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--packing", default="1,2,4")
     p.add_argument("--quick", action="store_true", help="tiny model, CPU, float32, 4 steps, packing 1,2")
+    p.add_argument("--json", metavar="OUT", help="also write every row here")
     args = p.parse_args(argv)
     if args.quick:
         args.model, args.device, args.dtype, args.steps, args.batch_size, args.packing = "tiny", "cpu", "float32", 4, 4, "1,2"
@@ -91,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         mem = "-" if r["gpu_mem_max_mb"] is None else f"{r['gpu_mem_max_mb']:.0f}"
         print(f"| {r['trials']} | {r['wall_s']:.1f} | {r['trials_per_hour']:.0f} | {r['trials_per_hour'] / base:.2f}x | "
               f"{util} | {mem} |")
+    # wall includes each trial's process start, model load and evals; this is the part inside optimizer steps
+    print("mean seconds inside optimizer steps per trial: "
+          + ", ".join(f"{r['trials']} sharing -> {r['mean_trial_train_s']:.1f}" for r in rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"argv": sys.argv[1:] if argv is None else argv, "steps": args.steps,
+                                               "batch_size": args.batch_size, "dtype": args.dtype, "rows": rows}, indent=1))
     return 0
 
 
