@@ -134,6 +134,8 @@ def _method_findings(records, method) -> list[str]:
 def _lrs(lrs: list[float], all_lrs: list[float]) -> str:
     """'lr <= 1e-5' when these are the lowest LRs of the method, 'lr >= 1e-2' when the highest, else a list."""
     lrs, all_lrs = sorted(set(lrs)), sorted(set(all_lrs))
+    if len(lrs) > 1 and lrs == all_lrs:
+        return f"lr {_fmt(lrs[0])} to {_fmt(lrs[-1])}"
     if len(lrs) > 1 and lrs == all_lrs[: len(lrs)]:
         return f"lr <= {_fmt(lrs[-1])}"
     if len(lrs) > 1 and lrs == all_lrs[-len(lrs):]:
@@ -145,8 +147,11 @@ def _gain(r: TrialRecord) -> float | None:
     return curves.gain(r.final.get("l0"), final_loss(r))
 
 
+_RULES = curves.Thresholds()
+
+
 def _too_low(records) -> list[str]:
-    """For every method: the learning rates at which every trial learned too little (outcome slow)."""
+    """For every method: the learning rates at which every trial learned too little (slow, or pruned with as little gained)."""
     l0s = [r.final.get("l0") for r in records if r.final.get("l0") is not None]
     losses = [final_loss(r) for r in records if final_loss(r) is not None]
     if not l0s or not losses:
@@ -159,15 +164,24 @@ def _too_low(records) -> list[str]:
         by_lr: dict[float, list[TrialRecord]] = defaultdict(list)
         for r in mine:
             by_lr[r.learning_rate].append(r)
-        slow = [lr for lr, rs in by_lr.items() if all(r.outcome == "slow" for r in rs)]
+        best = best_trial(records, method)
+        best_gain = _gain(best) if best else None
+
+        def little(r: TrialRecord) -> bool:  # slow, or pruned for being behind while it had gained as little
+            return r.outcome == "slow" or (r.outcome == "pruned" and curves.low_gain(_gain(r), best_gain, _RULES) is not None)
+
+        slow = [lr for lr, rs in by_lr.items() if all(little(r) for r in rs) and any(_gain(r) is not None for r in rs)]
         if not slow:
             continue
         gains = [g for lr in slow for g in (_gain(r) for r in by_lr[lr]) if g is not None]
-        best = best_trial(records, method)
-        low = [lr for lr in slow if best is None or lr < best.learning_rate]
-        high = [lr for lr in slow if lr not in low]
-        against = f", against {_gain(best):.0%} at its best lr {_fmt(best.learning_rate)}" if best and _gain(best) is not None else ""
         most = f"at most {max(gains):.0%} of l0" if gains else "little"
+        if best is None or best.outcome == "slow":  # even its best LR learned too little
+            out.append(f"{method}: every LR tried ({_lrs(slow, slow)}) learned too little in this budget (gained {most}): "
+                       "raise the learning-rate range or train longer")
+            continue
+        low = [lr for lr in slow if lr < best.learning_rate]
+        high = [lr for lr in slow if lr not in low]
+        against = f", against {_gain(best):.0%} at its best lr {_fmt(best.learning_rate)}" if _gain(best) is not None else ""
         if low:
             out.append(f"{method}: {_lrs(low, list(by_lr))} too low for this budget (gained {most}{against}): "
                        "raise the learning rate or train longer")

@@ -5,7 +5,8 @@ divergence that the map shows is the rule that stopped the trial. Checked in thi
 
 1. failed: the trial process failed, or the trainer reported status failed (e.g. out of memory).
 2. pruned: stopped by the sweep's rule (median, successive halving, ...) before it finished; but if
-   its training loss was already going up (ended above ``ROSE`` x its first report), diverged.
+   its training loss had blown up (a raw loss above ``factor`` x the lowest before it, or an end above
+   ``ROSE`` x its first report), diverged.
 3. diverged: the *training* loss blew up: stopped by the divergence rule, the trainer's own stop,
    a non-finite loss, the smoothed loss above ``factor`` x its running minimum, or one loss above
    ``spike`` x the largest before it.
@@ -49,7 +50,7 @@ def classify(record: TrialRecord, *, best_gain: float | None, thresholds: Thresh
     stop = record.stopped_by or ""
     losses = [h.get("train_loss") for h in record.history]
     if stop.startswith("pruned"):
-        rose = _rose(losses)  # stopped by the rule, but the training loss itself was already going up
+        rose = _rose(record, losses, t)  # stopped by the rule, but the training loss itself had blown up
         return ("diverged", f"{rose} ({stop})") if rose else ("pruned", stop)
     if stop.startswith("diverged"):
         return "diverged", stop.removeprefix("diverged: ")
@@ -78,8 +79,17 @@ def classify(record: TrialRecord, *, best_gain: float | None, thresholds: Thresh
                          if gain is not None else "finished without a sign of trouble")
 
 
-def _rose(losses: list[float | None]) -> str | None:
-    """A stopped run whose training loss was getting worse, not slower: it ended above ``ROSE`` x where it started."""
+def _rose(record: TrialRecord, losses: list[float | None], t: Thresholds) -> str | None:
+    """A run stopped by the rule whose training loss was getting worse, not slower: a raw loss rose above ``factor`` x
+    the lowest before it (a pruned curve is too short for the smoothed rule to see it), or it ended above ``ROSE`` x
+    where it started."""
+    low = None
+    for i, value in enumerate(losses):
+        if value is None:
+            continue
+        if low is not None and low > 0 and value > t.factor * low:
+            return f"train loss rose to {value:.2f}, {value / low:.1f}x its minimum before ({low:.2f}), at {_seen(record, i)}"
+        low = value if low is None else min(low, value)
     seen = [v for v in losses if v is not None]
     if len(seen) >= 2 and seen[0] > 0 and seen[-1] > ROSE * seen[0]:
         return f"train loss rose from {seen[0]:.2f} to {seen[-1]:.2f}"

@@ -348,3 +348,13 @@ def test_a_pruned_trial_whose_held_out_loss_was_worse_than_l0_is_pruned_not_dive
     record = _record([5.0, 4.8, 4.6, 4.5], final_eval=None, done=False, stopped_by="pruned: median at 32 examples")
     record.history[-1]["eval_loss"] = L0 + 0.5
     assert classify(record, best_gain=None) == ("pruned", "pruned: median at 32 examples")
+
+
+@pytest.mark.parametrize("peak, outcome", [(3.9, "pruned"), (4.1, "diverged")])
+def test_a_pruned_curve_whose_raw_loss_rose_past_factor_times_its_minimum_is_diverged(peak, outcome):
+    losses = [6.0, 5.0, 7.5, 5.0 * peak, 12.0, 10.0, 9.0, 6.0]  # blew up, then came partly back: not just behind
+    record = _record(losses, final_eval=None, done=False, stopped_by="pruned: median at 64 examples")
+    got, evidence = classify(record, best_gain=0.6)
+    assert got == outcome
+    if outcome == "diverged":
+        assert f"{5.0 * peak:.2f}, 4.1x its minimum before (5.00), at 32 examples" in evidence

@@ -356,3 +356,21 @@ def test_report_on_an_empty_sweep_is_a_user_error_with_exit_code_2(tmp_path):
     folder = _sweep(tmp_path, "empty", [])
     code, _ = _report_in_process(folder)
     assert code == 2
+
+
+def test_a_method_whose_every_lr_was_slow_is_told_to_raise_the_whole_range():
+    records = [_trial("lora", 1e-3, "slow", 2.95), _trial("lora", 3e-2, "slow", 2.9), _trial("full", 1e-3, "converged", 1.0)]
+    assert ("lora: every LR tried (lr 1e-3 to 3e-2) learned too little in this budget (gained at most 3% of l0): "
+            "raise the learning-rate range or train longer") in diagnose(records)
+    assert not any("above the best LR" in f for f in diagnose(records))
+
+
+def test_pruned_trials_that_had_gained_as_little_count_as_too_low():
+    def pruned(lr, loss):  # stopped after its first eval
+        return _trial("lora", lr, "pruned", loss, history=_history([3.0, 2.9], 8, evals={1: loss}))
+
+    records = [pruned(1e-4, 5.1 / 5.427 * L0), _trial("lora", 1e-4, "slow", 2.9, bs=4),
+               pruned(1e-3, 1.5), _trial("lora", 1e-2, "converged", 0.8)]
+    found = [f for f in diagnose(records) if "too low" in f]
+    assert found == ["lora: lr 1e-4 too low for this budget (gained at most 6% of l0, against 73% at its best lr 1e-2): "
+                     "raise the learning rate or train longer"]
