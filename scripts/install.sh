@@ -2,14 +2,14 @@
 # Install the project into the active Python environment (a venv is recommended).
 #
 #   bash scripts/install.sh          # the product: torch (CPU build), Ray, Optuna, MLflow, ... and the offline model
-#   bash scripts/install.sh --test   # the same plus what the tests need
+#   bash scripts/install.sh --test   # the same plus what the tests need (pytest, optuna-dashboard)
 #
 # On a GPU machine, install the CUDA build of torch 2.13.0 first (see README); pip then keeps it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 extra=""
-[[ "${1:-}" == "--test" ]] && extra="[test]"
+[[ "${1:-}" == "--test" ]] && extra="[test,dashboard]"  # the browser test opens optuna-dashboard too
 
 $PY -m pip install --quiet --upgrade pip
 # torch first and pinned, so nothing below can pull a multi-GB CUDA build on a CPU machine

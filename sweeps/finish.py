@@ -4,8 +4,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import time
+
 from sweeps.analysis import final_loss
-from sweeps.records import TrialRecord, save_records
+from sweeps.browse import LINK_WORDS, parent_note, ui_base, ui_links
+from sweeps.records import OUTCOMES, TrialRecord, save_records
 from sweeps.spec import SweepSpec
 
 
@@ -20,20 +23,29 @@ def finish_sweep(spec: SweepSpec, sweep_dir: Path, records: list[TrialRecord], t
             tracker.submit({"op": "tags", "trial": r.trial_id, "tags": {"classification": r.outcome, "evidence": r.evidence or ""}})
     print()
     print(summary_table(records, spec.search.metric))
-    report = build_report(records, sweep_dir / "report", title=f"sweep {spec.name}")
+    links = _links(tracker, parent, records)
+    report = build_report(records, sweep_dir / "report", title=f"sweep {spec.name}", links=links)
     print("\nfindings:")
     for line in report.findings:
         print(f"  - {line}")
+    best = best_record(records, spec.search.mode)
+    best_words = None
+    if best is not None:
+        c = best.config
+        best_words = (f"{best.trial_id} {c.get('method')} lr={c.get('learning_rate', float('nan')):.3g} "
+                      f"bs={c.get('batch_size', '-')}  {spec.search.metric}={best.objective:.4f}")
     if parent:
         for path in [*report.figures, report.html, sweep_dir / "trials.json"]:
             tracker.submit({"op": "artifact", "trial": None, "path": str(path), "dest": "report"})
         tracker.submit({"op": "text", "trial": None, "text": "\n".join(report.findings), "file": "report/findings.txt"})
-        tracker.submit({"op": "tags", "trial": None, "tags": {"wall_s": f"{wall_s:.1f}", "trials": str(len(records))}})
-    best = best_record(records, spec.search.mode)
-    if best is not None:
-        c = best.config
-        print(f"\nbest: {best.trial_id} {c.get('method')} lr={c.get('learning_rate', float('nan')):.3g} "
-              f"bs={c.get('batch_size', '-')}  {spec.search.metric}={best.objective:.4f}")
+        note = parent_note(spec.name, report.findings, [p.name for p in [*report.figures, report.html]], links, best_words)
+        tracker.submit({"op": "tags", "trial": None, "tags": {"wall_s": f"{wall_s:.1f}", "trials": str(len(records)),
+                                                               "mlflow.note.content": note}})
+        tracker.submit({"op": "metrics", "trial": None, "last_step": 0,
+                        "metrics": [(k, v, int(time.time() * 1000), 0) for k, v in summary_metrics(records, best, spec.search.metric).items()]})
+        tracker.submit({"op": "end", "trial": None, "status": "FINISHED"})  # --resume sets it running again
+    if best_words:
+        print(f"\nbest: {best_words}")
         print(f"export it:  python scripts/export_best.py {sweep_dir}")
     print(f"report:     {report.html}")
     left = tracker.flush()
@@ -41,7 +53,31 @@ def finish_sweep(spec: SweepSpec, sweep_dir: Path, records: list[TrialRecord], t
         print(f"mlflow: {left} operation(s) could not be logged to {tracker.uri}; they are kept in "
               f"{sweep_dir / 'mlflow_pending.jsonl'} and replayed by rerunning with --resume")
     print(f"browse:     {ui_command(tracker.uri)}")
+    for name, url in links.items():
+        print(f"  {LINK_WORDS[name]}:\n    {url}")
     print(f"wall time:  {wall_s:.0f} s for {len(records)} trials")
+
+
+def summary_metrics(records: list[TrialRecord], best: TrialRecord | None, metric: str) -> dict[str, float]:
+    """The parent run's own metrics, so its row alone says what happened: the best value and trials per outcome."""
+    out: dict[str, float] = {"trials": float(len(records))}
+    if best is not None and best.objective is not None:
+        out[f"best_{metric}"] = float(best.objective)
+    for outcome in OUTCOMES:
+        out[f"trials_{outcome}"] = float(sum(r.outcome == outcome for r in records))
+    return out
+
+
+def _links(tracker, parent: str | None, records: list[TrialRecord]) -> dict[str, str]:
+    """The UI links of this sweep; none when MLflow cannot be reached (the sweep still reports)."""
+    runs = [r.mlflow_run_id or tracker.state["runs"].get(r.trial_id) for r in records]
+    if not parent or not all(runs):
+        return {}
+    try:
+        experiment = tracker.experiment_id()
+    except Exception:  # a tracking server that went away: no links, the rest of the report stands
+        return {}
+    return ui_links(ui_base(tracker.uri), experiment, parent, runs)
 
 
 def best_record(records: list[TrialRecord], mode: str = "min", method: str | None = None) -> TrialRecord | None:

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from sweeps.analysis import final_loss
+from sweeps.browse import LINK_WORDS
 from sweeps.figures import OUTCOME_COLORS
 from sweeps.records import LABELS
 
@@ -16,9 +17,14 @@ table{border-collapse:collapse;font-size:12px}td,th{padding:3px 8px;border-botto
 th{background:#f6f6f6}.o{color:#fff;padding:1px 6px;border-radius:3px}li{margin:3px 0}"""
 
 
-def write_html(records, figures: list[Path], findings: list[str], out: Path, title: str) -> Path:
+def write_html(records, figures: list[Path], findings: list[str], out: Path, title: str,
+               links: dict[str, str] | None = None) -> Path:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>", "<h2>Diagnosis</h2><ul>"]
+             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    if links:  # into the MLflow UI (served by `bash mlflow/serve` for a local store)
+        parts.append("<p>Open in MLflow: " + " &middot; ".join(
+            f"<a href='{html.escape(url, quote=True)}'>{html.escape(LINK_WORDS.get(k, k))}</a>" for k, url in links.items()) + "</p>")
+    parts.append("<h2>Diagnosis</h2><ul>")
     parts += [f"<li>{html.escape(f)}</li>" for f in findings] + ["</ul>"]
     parts.append("<p>" + " ".join(f"<span class='o' style='background:{c}'>{html.escape(LABELS[o])}</span>"
                                   for o, c in OUTCOME_COLORS.items()) + "</p>")

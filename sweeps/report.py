@@ -26,7 +26,7 @@ class Report:
     findings: list[str]
 
 
-def build_report(records, out_dir: Path, *, title: str) -> Report:
+def build_report(records, out_dir: Path, *, title: str, links: dict[str, str] | None = None) -> Report:
     """Draw every figure and the HTML report for classified records; never fails on missing data."""
     import matplotlib
 
@@ -45,7 +45,7 @@ def build_report(records, out_dir: Path, *, title: str) -> Report:
         figures.changes_figure(records, out_dir / "changes.png"),
     ]
     html = out_dir / "report.html"
-    write_html(records, paths, findings, html, title)
+    write_html(records, paths, findings, html, title, links=links)
     return Report(paths, html, findings)
 
 

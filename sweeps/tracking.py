@@ -126,6 +126,7 @@ class Tracker:
     def parent_run(self, spec_dict: dict, tags: dict[str, str]) -> str:
         """Create the sweep's parent run, or reattach to it (FINISHED runs are reopened)."""
         if self.state.get("parent"):
+            self.client.update_run(self.state["parent"], status="RUNNING")  # a resumed sweep is running again
             return self.state["parent"]
         exp = self.experiment_id()
         run = self.client.create_run(exp, run_name=f"sweep {self.experiment}", tags=scrub(tags))
@@ -193,8 +194,9 @@ class Tracker:
             metrics = [Metric(k, v, ts, step) for k, v, ts, step in op["metrics"]]
             for i in range(0, len(metrics), 900):
                 self.client.log_batch(run_id, metrics=metrics[i : i + 900])
-            self.state["steps"][trial] = max(self.state["steps"].get(trial, -1), op["last_step"])
-            self._save_state()
+            if trial:  # the parent's summary metrics have no curve to resume
+                self.state["steps"][trial] = max(self.state["steps"].get(trial, -1), op["last_step"])
+                self._save_state()
         elif kind == "tags":
             self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in scrub(op["tags"]).items()])
         elif kind == "params":
@@ -249,6 +251,10 @@ class MlflowWriter(Callback):
             return  # a resumed trial re-reporting points already logged
         ts = int(time.time() * 1000)
         buf = self._buffers.setdefault(trial.trial_id, [])
+        if self.tracker.last_step(trial.trial_id) < 0 and not buf and isinstance(result.get("l0"), float):
+            # the held-out loss before training (l0) is the eval curve's point at 0 examples; logged first, it is
+            # also the metric MLflow's compare page puts against the params by default
+            buf.append(("eval_loss", float(result["l0"]), ts, 0))
         for key in LOGGED_METRICS:
             value = result.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
@@ -267,7 +273,7 @@ class MlflowWriter(Callback):
         self.tracker.submit({
             "op": "create", "trial": trial.trial_id, "sweep": self.sweep, "name": name,
             "tags": {"sweep": self.sweep, "trial_id": trial.trial_id, "method": str(cfg.get("method", ""))},
-            "params": flat_params(cfg),
+            "params": flat_params({k: v for k, v in cfg.items() if k != "cell"}),  # cell: the grid's index, not a setting
         })
 
     def _flush(self, trial_id: str, step: int) -> None:
