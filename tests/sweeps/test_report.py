@@ -374,3 +374,25 @@ def test_pruned_trials_that_had_gained_as_little_count_as_too_low():
     found = [f for f in diagnose(records) if "too low" in f]
     assert found == ["lora: lr 1e-4 too low for this budget (gained at most 6% of l0, against 73% at its best lr 1e-2): "
                      "raise the learning rate or train longer"]
+
+
+@pytest.mark.parametrize("factor, outcome", [(4.0, "diverged"), (6.0, "oscillating")])
+def test_a_sweep_folder_is_classified_with_its_own_specs_divergence_factor(tmp_path, factor, outcome):
+    """The factor travels from the YAML (pruning.divergence.factor) through spec.json to the classifier."""
+    import json
+
+    from sweeps.report import load_sweep
+    from sweeps.spec import load_spec
+
+    yaml_spec = tmp_path / "s.yaml"
+    yaml_spec.write_text(f"name: f\nmodel: tiny\nspace: {{learning_rate: [0.001]}}\n"
+                         f"pruning: {{divergence: {{factor: {factor}}}}}\n")
+    spec = load_spec(yaml_spec)
+    record = _converged("full", 1e-3, 8, 1.0)
+    for row in record.history[-4:]:  # the smoothed loss climbs to 5x its minimum: diverged under 4; under 6 it only rebounded
+        row["train_loss_ema"] = 5.0 * min(h["train_loss_ema"] for h in record.history)
+    folder = _sweep(tmp_path, "f", [record])
+    (folder / "spec.json").write_text(json.dumps({"digest": spec.digest(), "spec": spec.model_dump(mode="json")}))
+    (loaded,), _ = load_sweep(str(folder))
+    assert spec.thresholds().factor == factor
+    assert loaded.outcome == outcome, loaded.evidence
