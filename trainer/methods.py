@@ -21,9 +21,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # the registry is read by the sweep spec (names only): importing it must not cost torch's 4 s
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,8 @@ register(Method("full", _full_prepare, _plain_state, _save_whole))
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList:
+    from torch import nn
+
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if not isinstance(layers, nn.ModuleList):
