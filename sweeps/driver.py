@@ -210,8 +210,10 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, writer, resume: bool):
         from trainer.data import load_records
 
         total_examples = math.ceil(base.epochs * len(load_records(spec.data.train)))
+    failure = spec.failure
     trainable = tune.with_parameters(
-        run_trial, base=spec.base_train(), metric=spec.search.metric, checkpoint_every=spec.failure.checkpoint_every
+        run_trial, base=spec.base_train(), metric=spec.search.metric, checkpoint_every=failure.checkpoint_every,
+        stall_s=failure.stall_s, setup_s=failure.setup_s,
     )
     resources = _ResourcesFor(spec)
     trainable = tune.with_resources(trainable, resources)

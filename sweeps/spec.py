@@ -26,6 +26,7 @@ from trainer.yamlio import apply_overrides, read_yaml, validation_message
 
 _STRICT = ConfigDict(extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_RUN_CONTROL = {"failure": {"stall_s", "setup_s"}}  # not in the digest
 
 
 class Range(BaseModel):
@@ -160,6 +161,11 @@ class Failure(BaseModel):
     model_config = _STRICT
     max_retries: int = Field(1, ge=0)  # Ray retries a crashed trial from its last checkpoint
     checkpoint_every: int = Field(2, ge=0)  # reports between checkpoints (trainable weights only); 0 = none
+    # a trial that sends no report for this long (a dead data loader, a deadlocked collective, stuck I/O) is
+    # stopped as failed and retried under max_retries. The longest gap between two reports (evaluation
+    # included) must fit in it; time spent waiting on the driver does not count. None: no watchdog
+    stall_s: float | None = Field(300, gt=0)
+    setup_s: float = Field(1800, ge=0)  # added to stall_s for each attempt's first report: model load, the l0 eval
 
 
 class Tracking(BaseModel):
@@ -237,7 +243,13 @@ class SweepSpec(BaseModel):
         return Path(self.output_dir).resolve() / self.name
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+        """What makes two specs the same sweep, for --resume.
+
+        How long to wait for a trial (the stall watchdog) is left out: giving a resumed sweep more patience
+        must not make it a different sweep; and sweeps started before these fields existed keep their digest.
+        """
+        dump = self.model_dump(mode="json", exclude=_RUN_CONTROL)
+        return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:
