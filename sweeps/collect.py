@@ -11,7 +11,7 @@ from typing import Any
 
 from sweeps.pruning import read_stops
 from sweeps.records import TrialRecord
-from sweeps.tracking import trial_outcome
+from sweeps.tracking import error_lines, trial_outcome
 
 HISTORY_KEYS = (
     "step", "examples_seen", "epoch", "train_loss", "train_loss_ema", "eval_loss", "grad_norm", "lr",
@@ -45,15 +45,19 @@ def _base_config(sweep_dir: Path) -> dict[str, Any]:
 def _record(trial_dir: Path, stops: dict, mlflow_map: dict, base: dict) -> TrialRecord | None:
     sampled = {k: v for k, v in _json(trial_dir / "params.json").items() if k != "cell"}
     config = _resolved({**base, **sampled})
-    results = _results(trial_dir / "result.json")
-    trial_id = results[-1].get("trial_id") if results else _trial_id_from_name(trial_dir.name)
+    lines = _results(trial_dir / "result.json")
+    trial_id = lines[-1].get("trial_id") if lines else _trial_id_from_name(trial_dir.name)
     if not trial_id:
         return None
+    results = [r for r in lines if "stalled" not in r]  # the watchdog's last word is no point of the curve
     history = _dedupe([{k: _finite(r.get(k)) for k in HISTORY_KEYS if k in r} for r in results])
     final = {k: v for k, v in (results[-1] if results else {}).items() if not k.startswith(("time_", "timestamp", "config"))}
+    failures = error_lines(trial_dir / "error.txt")
+    if failures:
+        final["failures"] = failures  # every failure, oldest first: each but a final one was retried
     # error.txt stays behind when a retry succeeded: the last report then says how the trial really ended
     recovered = final.get("done") and final.get("status") in ("completed", "diverged")
-    error = None if recovered else _error(trial_dir)
+    error = None if recovered or not failures else failures[-1]
     outcome, reason = trial_outcome(final, stops.get(trial_id), error)
     record = TrialRecord(
         trial_id=trial_id, config=config, history=history, final=_finite(final),
@@ -107,14 +111,6 @@ def _dedupe(history: list[dict]) -> list[dict]:
         key = row.get("examples_seen")
         by_step[key] = {**by_step.get(key, {}), **row}
     return sorted(by_step.values(), key=lambda r: r.get("examples_seen") or 0)
-
-
-def _error(trial_dir: Path) -> str | None:
-    path = trial_dir / "error.txt"
-    if not path.is_file():
-        return None
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    return lines[-1][:300] if lines else "the trial process failed"
 
 
 def _trial_id_from_name(name: str) -> str | None:
