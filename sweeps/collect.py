@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -113,9 +114,15 @@ def _dedupe(history: list[dict]) -> list[dict]:
     return sorted(by_step.values(), key=lambda r: r.get("examples_seen") or 0)
 
 
+# <trainable>_<trial id>_<index>_<config>_<date>; Ray's ids: 8 hex digits (Trial.generate_id, a searcher's trials)
+# or 5 hex digits, "_" and a 5-digit count (BasicVariantGenerator)
+_TRIAL_DIR = re.compile(r"^run_trial_([0-9a-f]{5}_\d{5}|[0-9a-f]{8})_\d+_")
+
+
 def _trial_id_from_name(name: str) -> str | None:
-    parts = name.split("_")
-    return f"{parts[2]}_{parts[3]}" if len(parts) > 3 else None
+    """The trial id of a trial that never reported (stopped while it loaded its model)."""
+    match = _TRIAL_DIR.match(name)
+    return match.group(1) if match else None
 
 
 def _finite(value: Any) -> Any:
