@@ -26,7 +26,7 @@ from trainer.yamlio import apply_overrides, read_yaml, validation_message
 
 _STRICT = ConfigDict(extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_RUN_CONTROL = {"failure": {"stall_s", "setup_s"}}  # not in the digest
+_RUN_CONTROL = {"search": {"time_budget_s"}, "failure": {"stall_s", "setup_s"}}  # not in the digest
 
 
 class Range(BaseModel):
@@ -113,6 +113,10 @@ class Search(BaseModel):
     # tpe: random trials before TPE models the space (Optuna's default 10); fewer leaves more of a small
     # budget guided, but TPE's model of a space with several dimensions is poor on few points
     startup_trials: int = Field(10, ge=1)
+    # wall-clock seconds for the trials of this run (None: no limit), from when Ray starts scheduling them; when
+    # they are up the running trials stop where they are (recorded unfinished), the report is written from what
+    # finished, and --resume continues (with a fresh budget). The same as --time-budget SECONDS
+    time_budget_s: float | None = Field(None, gt=0)
 
 
 class Divergence(BaseModel):
@@ -245,8 +249,9 @@ class SweepSpec(BaseModel):
     def digest(self) -> str:
         """What makes two specs the same sweep, for --resume.
 
-        How long to wait for a trial (the stall watchdog) is left out: giving a resumed sweep more patience
-        must not make it a different sweep; and sweeps started before these fields existed keep their digest.
+        How long to run or wait (the time budget, the stall watchdog) is left out: passing --time-budget, or
+        giving a resumed sweep more patience, must not make it a different sweep; and sweeps started before
+        these fields existed keep their digest.
         """
         dump = self.model_dump(mode="json", exclude=_RUN_CONTROL)
         return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:12]
