@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -141,6 +142,28 @@ def test_a_hung_trial_without_retries_stays_failed_with_the_stall_reason(tmp_pat
     assert len(children) == 2 and run.info.status == "FAILED" and run.data.tags["reason"] == STALL
     ot = _optuna_trial(tmp_path, "hang0", "hang@3")
     assert ot.state.name == "FAIL" and ot.user_attrs["stalls"] == [STALL]
+
+
+def test_a_time_budget_ends_the_sweep_and_resume_finishes_it(tmp_path, tiny_model_dir):
+    """hang@3 never ends by itself (the watchdog's default patience is 300 s): only the budget can end this sweep."""
+    spec = _spec(tmp_path, "budget", '  fault: [null, "hang@3"]')
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = run_cli(["sweeps/run.py", str(spec), "--time-budget", "20"], timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    wall = float(re.search(r"wall time: +(\d+) s", proc.stdout).group(1))
+    assert wall < 20 + 30, "the trials stop when the budget is spent, not when they are done"
+    assert "the time budget (20 s) was spent" in proc.stdout and "--resume" in proc.stdout
+    assert "findings:" in proc.stdout and (tmp_path / "out" / "budget" / "report" / "report.html").is_file()
+    assert {t["config"]["fault"]: t["outcome"] for t in _trials(tmp_path, "budget")}["hang@3"] == "unfinished"
+    # Had the budget come before hang@3's first checkpoint, its rerun would hang again: the watchdog then retries
+    # it from a checkpoint. More patience or less is the same sweep to --resume.
+    again = run_cli(["sweeps/run.py", str(spec), "--resume", "failure.stall_s=5"], timeout=600, env=env)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    trials = _trials(tmp_path, "budget")
+    assert len(trials) == 2 and all(t["final"].get("done") for t in trials)
+    _, children = _children(env["MLFLOW_TRACKING_URI"], "budget")
+    assert len(children) == 2 and len({c.data.tags["trial_id"] for c in children}) == 2, "no MLflow run duplicated"
+    assert all(c.info.status == "FINISHED" for c in children)
 
 
 def _kill_midway_then_resume(tmp_path: Path, sig: int, name: str):
