@@ -113,7 +113,7 @@ class Search(BaseModel):
     # tpe: random trials before TPE models the space (Optuna's default 10); fewer leaves more of a small
     # budget guided, but TPE's model of a space with several dimensions is poor on few points
     startup_trials: int = Field(10, ge=1)
-    # wall-clock seconds for the trials of this run (None: no limit), from when Ray starts scheduling them; when
+    # wall-clock seconds for the trials of this run (None: no limit), from the start of Ray Tune's run; when
     # they are up the running trials stop where they are (recorded unfinished), the report is written from what
     # finished, and --resume continues (with a fresh budget). The same as --time-budget SECONDS
     time_budget_s: float | None = Field(None, gt=0)

@@ -318,14 +318,9 @@ def trial_outcome(last: dict, stop_reason: str | None, error: str | None) -> tup
 
 
 def trial_error(trial) -> str:
-    """A Ray trial's last failure in one line; 'the trial process failed' when Ray wrote none."""
-    return error_text(getattr(trial, "error_file", None)) or "the trial process failed"
-
-
-def error_text(path: str | Path | None) -> str | None:
-    """The last failure in a trial's error.txt, in one line (e.g. 'OutOfMemoryError: ...'); None if it has none."""
-    failures = error_lines(path)
-    return failures[-1] if failures else None
+    """A Ray trial's last failure in one line (e.g. 'OutOfMemoryError: ...'); a default when Ray wrote none."""
+    failures = error_lines(getattr(trial, "error_file", None))
+    return failures[-1] if failures else "the trial process failed"
 
 
 def error_lines(path: str | Path | None) -> list[str]:
