@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 from sweeps.pruning import read_stops
 from sweeps.records import TrialRecord
-from sweeps.tracking import trial_outcome
+from sweeps.tracking import error_lines, trial_outcome
 
 HISTORY_KEYS = (
     "step", "examples_seen", "epoch", "train_loss", "train_loss_ema", "eval_loss", "grad_norm", "lr",
@@ -45,15 +46,19 @@ def _base_config(sweep_dir: Path) -> dict[str, Any]:
 def _record(trial_dir: Path, stops: dict, mlflow_map: dict, base: dict) -> TrialRecord | None:
     sampled = {k: v for k, v in _json(trial_dir / "params.json").items() if k != "cell"}
     config = _resolved({**base, **sampled})
-    results = _results(trial_dir / "result.json")
-    trial_id = results[-1].get("trial_id") if results else _trial_id_from_name(trial_dir.name)
+    lines = _results(trial_dir / "result.json")
+    trial_id = lines[-1].get("trial_id") if lines else _trial_id_from_name(trial_dir.name)
     if not trial_id:
         return None
+    results = [r for r in lines if "stalled" not in r]  # the watchdog's last word is no point of the curve
     history = _dedupe([{k: _finite(r.get(k)) for k in HISTORY_KEYS if k in r} for r in results])
     final = {k: v for k, v in (results[-1] if results else {}).items() if not k.startswith(("time_", "timestamp", "config"))}
+    failures = error_lines(trial_dir / "error.txt")
+    if failures:
+        final["failures"] = failures  # every failure, oldest first: each but a final one was retried
     # error.txt stays behind when a retry succeeded: the last report then says how the trial really ended
     recovered = final.get("done") and final.get("status") in ("completed", "diverged")
-    error = None if recovered else _error(trial_dir)
+    error = None if recovered or not failures else failures[-1]
     outcome, reason = trial_outcome(final, stops.get(trial_id), error)
     record = TrialRecord(
         trial_id=trial_id, config=config, history=history, final=_finite(final),
@@ -109,17 +114,15 @@ def _dedupe(history: list[dict]) -> list[dict]:
     return sorted(by_step.values(), key=lambda r: r.get("examples_seen") or 0)
 
 
-def _error(trial_dir: Path) -> str | None:
-    path = trial_dir / "error.txt"
-    if not path.is_file():
-        return None
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    return lines[-1][:300] if lines else "the trial process failed"
+# <trainable>_<trial id>_<index>_<config>_<date>; Ray's ids: 8 hex digits (Trial.generate_id, a searcher's trials)
+# or 5 hex digits, "_" and a 5-digit count (BasicVariantGenerator)
+_TRIAL_DIR = re.compile(r"^run_trial_([0-9a-f]{5}_\d{5}|[0-9a-f]{8})_\d+_")
 
 
 def _trial_id_from_name(name: str) -> str | None:
-    parts = name.split("_")
-    return f"{parts[2]}_{parts[3]}" if len(parts) > 3 else None
+    """The trial id of a trial that never reported (stopped while it loaded its model)."""
+    match = _TRIAL_DIR.match(name)
+    return match.group(1) if match else None
 
 
 def _finite(value: Any) -> Any:

@@ -63,8 +63,11 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
     print(f"mlflow: {uri} (experiment {tracker.experiment!r})", flush=True)
 
     tuner, n_total = _tuner(spec, sweep_dir, writer, resume)
+    from sweeps.budget import TimeBudget
+
     t0 = time.time()
-    tuner.fit()  # results are read back from the sweep folder (collect_records), which survives a resume
+    with TimeBudget(spec.search.time_budget_s) as budget:  # counted, as Ray's own, from the start of the trials
+        tuner.fit()  # results are read back from the sweep folder (collect_records), which survives a resume
     wall = time.time() - t0
 
     from sweeps.collect import collect_records
@@ -74,7 +77,8 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
     finished = len([r for r in records if r.final.get("done") or r.error or r.stopped_by])
     finish_sweep(spec, sweep_dir, records, tracker, parent, wall_s=wall)
     if finished < n_total:
-        print(f"\nthe sweep stopped with {finished}/{n_total} trials finished; continue it with:\n"
+        why = f"the time budget ({budget.seconds:g} s) was spent: " if budget.expired else ""
+        print(f"\n{why}the sweep stopped with {finished}/{n_total} trials finished; continue it with:\n"
               f"  python sweeps/run.py {spec.source} --resume", flush=True)
     return sweep_dir
 
@@ -213,8 +217,10 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, writer, resume: bool):
         from trainer.data import load_records
 
         total_examples = math.ceil(base.epochs * len(load_records(spec.data.train)))
+    failure = spec.failure
     trainable = tune.with_parameters(
-        run_trial, base=spec.base_train(), metric=spec.search.metric, checkpoint_every=spec.failure.checkpoint_every
+        run_trial, base=spec.base_train(), metric=spec.search.metric, checkpoint_every=failure.checkpoint_every,
+        stall_s=failure.stall_s, setup_s=failure.setup_s,
     )
     resources = _ResourcesFor(spec)
     trainable = tune.with_resources(trainable, resources)

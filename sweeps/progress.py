@@ -27,6 +27,12 @@ class ProgressPrinter(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._finish(trial, trials, error=True)
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        from sweeps.tracking import trial_error
+
+        print(f"[{self._clock()}] retrying  {_label(trial)}  {trial_error(trial)}  (failure {trial.num_failures})",
+              flush=True)
+
     def on_step_end(self, iteration, trials, **info):
         now = time.time()
         if now - self._last_tick > 30:
@@ -36,12 +42,12 @@ class ProgressPrinter(Callback):
 
     def _finish(self, trial, trials, error: bool) -> None:
         from sweeps.pruning import read_stops
-        from sweeps.tracking import trial_outcome
+        from sweeps.tracking import trial_error, trial_outcome
 
         self.done += 1
         last = trial.last_result or {}
         stop = read_stops(self.stops_file).get(trial.trial_id)
-        outcome, reason = trial_outcome(last, stop, "the trial process failed" if error else None)
+        outcome, reason = trial_outcome(last, stop, trial_error(trial) if error else None)
         value = last.get(self.metric, last.get("objective"))
         shown = f"{self.metric} {value:.4f}" if isinstance(value, float) and math.isfinite(value) else ""
         if outcome == "completed" and isinstance(value, float) and (self.best is None or value < self.best[0]):

@@ -10,7 +10,9 @@ Tune ``Stopper`` (public API): passed as ``TuneConfig(search_alg=...)`` and
    progress axis for every batch size) and asks the study's pruner;
 3. returns True to stop the trial, and remembers why;
 4. tells Optuna ``PRUNED`` (not COMPLETE with a partial value) for every
-   stopped or diverged trial, and ``FAIL`` for failed ones.
+   stopped or diverged trial, and ``FAIL`` for failed ones; a trial the stall
+   watchdog failed keeps the reason in its user attribute ``stalls``, also
+   when a retry then completes it.
 
 Reasons are appended to ``stops.jsonl`` in the sweep folder, so they survive
 a driver crash and a resume. After ``Tuner.restore`` Ray unpickles the
@@ -120,6 +122,11 @@ class PruningSearch(OptunaSearch, Stopper):
         return False
 
     def _decide(self, trial_id: str, result: dict[str, Any]) -> bool:
+        if result.get("stalled"):
+            # The watchdog's last word before the trial fails: not a point of the curve, and no reason to stop it
+            # here (a stopped trial is not retried); the Optuna trial keeps the reason, whatever the retry gives.
+            self._note_stall(trial_id, result["stalled"])
+            return False
         if trial_id in self._stopped:
             return True
         d = self._pruning.divergence
@@ -132,6 +139,11 @@ class PruningSearch(OptunaSearch, Stopper):
         self._stopped[trial_id] = reason
         _append_stop(Path(self._stops_file), trial_id, reason)
         return True
+
+    def _note_stall(self, trial_id: str, reason: str) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None:
+            ot_trial.set_user_attr("stalls", [*ot_trial.user_attrs.get("stalls", []), reason])
 
     def _ask_pruner(self, trial_id: str, result: dict[str, Any]) -> str | None:
         ot_trial = self._ot_trials.get(trial_id)

@@ -4,6 +4,7 @@
     python sweeps/run.py search_spaces/lr.yaml search.n_trials=8 train.epochs=1
     python sweeps/run.py search_spaces/smoke.yaml --dry-run
     python sweeps/run.py search_spaces/lr.yaml --resume
+    python sweeps/run.py search_spaces/lr.yaml --time-budget 600         # stop after 10 min; --resume continues
     python sweeps/run.py search_spaces/lr.yaml --address 10.0.0.5:6379     # join a Ray cluster
 
 Ray Tune schedules the trials, Optuna samples and prunes, MLflow records every
@@ -29,12 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, checked against the schema")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
     parser.add_argument("--address", help="join this Ray cluster (default: $RAY_ADDRESS, else a fresh local Ray)")
+    parser.add_argument("--time-budget", metavar="SECONDS",
+                        help="stop the trials SECONDS after they start (as search.time_budget_s=SECONDS); --resume continues")
     parser.add_argument("--dry-run", action="store_true", help="validate, print the trials or the space, run nothing")
     args = parser.parse_intermixed_args(argv)
 
     from sweeps.spec import load_spec
 
-    spec = load_spec(args.spec, args.overrides)
+    # Checked by the schema like any override, so a bad value gets the same message and exit code 2.
+    budget = [f"search.time_budget_s={args.time_budget}"] if args.time_budget is not None else []
+    spec = load_spec(args.spec, args.overrides + budget)
     if args.dry_run:
         from sweeps.space import describe
 

@@ -27,6 +27,7 @@ from trainer.yamlio import apply_overrides, read_yaml, validation_message
 
 _STRICT = ConfigDict(extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_RUN_CONTROL = {"search": {"time_budget_s"}, "failure": {"stall_s", "setup_s"}}  # not in the digest
 
 
 class Range(BaseModel):
@@ -113,6 +114,10 @@ class Search(BaseModel):
     # tpe: random trials before TPE models the space (Optuna's default 10); fewer leaves more of a small
     # budget guided, but TPE's model of a space with several dimensions is poor on few points
     startup_trials: int = Field(10, ge=1)
+    # wall-clock seconds for the trials of this run (None: no limit), from the start of Ray Tune's run; when
+    # they are up the running trials stop where they are (recorded unfinished), the report is written from what
+    # finished, and --resume continues (with a fresh budget). The same as --time-budget SECONDS
+    time_budget_s: float | None = Field(None, gt=0)
 
 
 class Divergence(BaseModel):
@@ -161,6 +166,11 @@ class Failure(BaseModel):
     model_config = _STRICT
     max_retries: int = Field(1, ge=0)  # Ray retries a crashed trial from its last checkpoint
     checkpoint_every: int = Field(2, ge=0)  # reports between checkpoints (trainable weights only); 0 = none
+    # a trial that sends no report for this long (a dead data loader, a deadlocked collective, stuck I/O) is
+    # stopped as failed and retried under max_retries. The longest gap between two reports (evaluation
+    # included) must fit in it; time spent waiting on the driver does not count. None: no watchdog
+    stall_s: float | None = Field(300, gt=0)
+    setup_s: float = Field(1800, ge=0)  # added to stall_s for each attempt's first report: model load, the l0 eval
 
 
 class Tracking(BaseModel):
@@ -252,7 +262,14 @@ class SweepSpec(BaseModel):
         return Thresholds(factor=d.factor, spike=d.spike)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+        """What makes two specs the same sweep, for --resume.
+
+        How long to run or wait (the time budget, the stall watchdog) is left out: passing --time-budget, or
+        giving a resumed sweep more patience, must not make it a different sweep; and sweeps started before
+        these fields existed keep their digest.
+        """
+        dump = self.model_dump(mode="json", exclude=_RUN_CONTROL)
+        return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:

@@ -21,6 +21,8 @@ from typing import Any
 
 from ray.tune import Callback
 
+from sweeps.watchdog import TrialStalled
+
 log = logging.getLogger(__name__)
 
 LOGGED_METRICS = (
@@ -30,6 +32,7 @@ LOGGED_METRICS = (
     "weights_changed_fraction", "trainable_fraction", "train_time_s", "eval_time_s", "setup_time_s",
 )
 _SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|CREDENTIAL|AUTH", re.I)
+_STALLED = re.compile(rf"^(?:[\w.]+\.)?{TrialStalled.__name__}: ")
 _STATUS = {"completed": "FINISHED", "pruned": "KILLED", "diverged": "KILLED", "failed": "FAILED"}
 
 
@@ -246,6 +249,9 @@ class MlflowWriter(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._create(trial)
+        if result.get("stalled"):  # the watchdog's reason, sent just before the trial fails; kept after a retry
+            self.tracker.submit({"op": "tags", "trial": trial.trial_id, "tags": {"stalled": result["stalled"]}})
+            return
         step = int(result.get("examples_seen", 0))
         if step <= self.tracker.last_step(trial.trial_id) and not result.get("done"):
             return  # a resumed trial re-reporting points already logged
@@ -285,7 +291,12 @@ class MlflowWriter(Callback):
         self._end(trial, error=None)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._end(trial, error=_error_text(trial))
+        self._end(trial, error=trial_error(trial))
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        # The retry re-reports from its checkpoint: points still buffered would be logged twice.
+        self._flush(trial.trial_id, int((trial.last_result or {}).get("examples_seen", 0)))
+        self.tracker.submit({"op": "tags", "trial": trial.trial_id, "tags": {"retries": trial.num_failures}})
 
     def _end(self, trial, error: str | None) -> None:
         from sweeps.pruning import read_stops
@@ -312,12 +323,22 @@ def trial_outcome(last: dict, stop_reason: str | None, error: str | None) -> tup
     return "completed", ""
 
 
-def _error_text(trial) -> str:
-    """The last line of the trial's error (e.g. 'OutOfMemoryError: ...'), not the whole traceback."""
-    path = getattr(trial, "error_file", None) or ""
+def trial_error(trial) -> str:
+    """A Ray trial's last failure in one line (e.g. 'OutOfMemoryError: ...'); a default when Ray wrote none."""
+    failures = error_lines(getattr(trial, "error_file", None))
+    return failures[-1] if failures else "the trial process failed"
+
+
+def error_lines(path: str | Path | None) -> list[str]:
+    """One line per failure recorded in a trial's error.txt (Ray appends each, retried or not), oldest first.
+
+    A line is the failure's last line, not its traceback; a stall is its bare reason.
+    """
     try:
-        text = Path(path).read_text().strip()
+        text = Path(path).read_text() if path else ""
     except OSError:
-        return "the trial process failed"
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    return lines[-1][:300] if lines else "the trial process failed"
+        return []
+    blocks = re.split(r"^Failure # \d+ .*$", text, flags=re.M)
+    lines = [[ln for ln in b.splitlines() if ln.strip()] for b in blocks]
+    failures = [b[-1].strip()[:300] for b in lines if b]
+    return [_STALLED.sub("", line) for line in failures]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -74,11 +75,11 @@ def _finished_trials(sweep_dir: Path) -> int:
         return 0
 
 
-def _sweep_with_fault(tmp_path: Path, name: str, fault: str) -> tuple[str, dict]:
+def _sweep_with_fault(tmp_path: Path, name: str, fault: str, overrides: tuple[str, ...] = ()) -> tuple[str, dict]:
     """A 2-trial sweep, one trial healthy and one with ``fault``; the store URI and the trials by fault."""
     spec = _spec(tmp_path, name, f'  fault: [null, "{fault}"]')
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = run_cli(["sweeps/run.py", str(spec)], timeout=600, env={"MLFLOW_TRACKING_URI": uri})
+    proc = run_cli(["sweeps/run.py", str(spec), *overrides], timeout=600, env={"MLFLOW_TRACKING_URI": uri})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return uri, {t["config"]["fault"]: t for t in _trials(tmp_path, name)}
 
@@ -103,6 +104,66 @@ def test_failed_out_of_memory_trial_is_recorded_and_the_sweep_goes_on(tmp_path, 
     _, children = _children(uri, "oom")
     failed = next(c for c in children if c.data.params["fault"] == "oom@2")
     assert failed.info.status == "FAILED" and failed.data.tags["reason"] == "out of memory at step 2"
+
+
+def _optuna_trial(tmp_path: Path, name: str, fault: str):
+    import optuna
+
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'out' / name / 'optuna.db'}")
+    return next(t for t in study.trials if t.user_attrs.get("fault") == fault)  # a grid cell's values: user attrs
+
+
+STALL = "no report for 5 s after step 2"  # hang@3: the report of step 2 was the last
+
+
+def test_a_hung_trial_is_failed_by_the_watchdog_and_its_retry_completes(tmp_path, tiny_model_dir):
+    uri, trials = _sweep_with_fault(tmp_path, "hang", "hang@3", ("failure.stall_s=5",))
+    hung = trials["hang@3"]
+    assert hung["final"]["failures"] == [STALL], "the stall is recorded, though the retry completed"
+    assert hung["final"]["done"] and hung["final"]["resumed_from_step"] == 2, "retried once, from its checkpoint"
+    assert hung["outcome"] != "failed" and hung["error"] is None, "after the retry the curve says how it ended"
+    assert trials[None]["final"]["done"] and "failures" not in trials[None]["final"]
+    client, children = _children(uri, "hang")
+    assert len(children) == 2, "one MLflow run per trial, the retry included"
+    run = next(c for c in children if c.data.params["fault"] == "hang@3")
+    assert run.data.tags["stalled"] == STALL and run.data.tags["retries"] == "1" and run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert len(steps) == len(set(steps)), "no metric point is logged twice"
+    ot = _optuna_trial(tmp_path, "hang", "hang@3")
+    assert ot.state.name == "COMPLETE" and ot.user_attrs["stalls"] == [STALL]
+
+
+def test_a_hung_trial_without_retries_stays_failed_with_the_stall_reason(tmp_path, tiny_model_dir):
+    uri, trials = _sweep_with_fault(tmp_path, "hang0", "hang@3", ("failure.stall_s=5", "failure.max_retries=0"))
+    assert trials["hang@3"]["outcome"] == "failed" and trials["hang@3"]["error"] == STALL
+    assert trials[None]["outcome"] != "failed" and trials[None]["final"]["done"]
+    _, children = _children(uri, "hang0")
+    run = next(c for c in children if c.data.params["fault"] == "hang@3")
+    assert len(children) == 2 and run.info.status == "FAILED" and run.data.tags["reason"] == STALL
+    ot = _optuna_trial(tmp_path, "hang0", "hang@3")
+    assert ot.state.name == "FAIL" and ot.user_attrs["stalls"] == [STALL]
+
+
+def test_a_time_budget_ends_the_sweep_and_resume_finishes_it(tmp_path, tiny_model_dir):
+    """hang@3 never ends by itself (the watchdog's default patience is 300 s): only the budget can end this sweep."""
+    spec = _spec(tmp_path, "budget", '  fault: [null, "hang@3"]')
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = run_cli(["sweeps/run.py", str(spec), "--time-budget", "20"], timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    wall = float(re.search(r"wall time: +(\d+) s", proc.stdout).group(1))
+    assert wall < 20 + 30, "the trials stop when the budget is spent, not when they are done"
+    assert "the time budget (20 s) was spent" in proc.stdout and "--resume" in proc.stdout
+    assert "findings:" in proc.stdout and (tmp_path / "out" / "budget" / "report" / "report.html").is_file()
+    assert {t["config"]["fault"]: t["outcome"] for t in _trials(tmp_path, "budget")}["hang@3"] == "unfinished"
+    # Had the budget come before hang@3's first checkpoint, its rerun would hang again: the watchdog then retries
+    # it from a checkpoint. More patience or less is the same sweep to --resume.
+    again = run_cli(["sweeps/run.py", str(spec), "--resume", "failure.stall_s=5"], timeout=600, env=env)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    trials = _trials(tmp_path, "budget")
+    assert len(trials) == 2 and all(t["final"].get("done") for t in trials)
+    _, children = _children(env["MLFLOW_TRACKING_URI"], "budget")
+    assert len(children) == 2 and len({c.data.tags["trial_id"] for c in children}) == 2, "no MLflow run duplicated"
+    assert all(c.info.status == "FINISHED" for c in children)
 
 
 def _kill_midway_then_resume(tmp_path: Path, sig: int, name: str):

@@ -77,7 +77,9 @@ class TrainConfig(BaseModel):
     save_model: bool = True
 
     # --- testing hooks (not for normal use) --------------------------------
-    fault: str | None = None  # e.g. "nan@3", "explode@3", "oom@2": inject a fault at that optimizer step
+    # e.g. "nan@3", "explode@3", "oom@2", "crash@5", "hang@3": inject a fault at that optimizer step; crash and hang
+    # happen on the first attempt only, so that a retry resumed from a checkpoint can show it recovers
+    fault: str | None = None
 
     @field_validator("method")
     @classmethod
@@ -94,8 +96,8 @@ class TrainConfig(BaseModel):
         if value is None:
             return value
         kind, _, step = value.partition("@")
-        if kind not in ("nan", "explode", "oom", "crash") or not step.isdigit():
-            raise ValueError("fault must look like nan@K, explode@K, oom@K or crash@K")
+        if kind not in ("nan", "explode", "oom", "crash", "hang") or not step.isdigit():
+            raise ValueError("fault must look like nan@K, explode@K, oom@K, crash@K or hang@K")
         return value
 
     @model_validator(mode="before")

@@ -329,6 +329,9 @@ def _inject_fault(cfg: TrainConfig, step: int, optimizer, resumed: bool) -> None
         raise torch.OutOfMemoryError(f"injected out-of-memory at step {step}")
     elif kind == "crash" and step == int(at) and not resumed:
         os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == "hang" and step == int(at) and not resumed:
+        while True:  # a dead data loader or a deadlocked collective: alive, silent, never done
+            time.sleep(60)
 
 
 def _progress(enabled: bool, total: int, initial: int):

@@ -75,14 +75,17 @@ BAD_SPECS = [
     ("impossible resources", GOOD + "resources: {cpu: 64}\n", "resources for method full ask for cpu=64"),
     ("gpu on a cpu machine", GOOD + "resources: {cpu: 1, gpu: 1}\n", "gpu=1 per trial, but no node has that much"),
     ("bad override", GOOD, "search.n_trials: Input should be greater than or equal to 1"),
+    ("negative stall_s", GOOD + "failure: {stall_s: -60}\n", "failure.stall_s: Input should be greater than 0"),
+    ("negative time budget", GOOD, "search.time_budget_s: Input should be greater than 0 (got -5)"),
 ]
+ARGS = {"bad override": ["search.n_trials=0"], "negative time budget": ["--time-budget", "-5"]}
 
 
 @pytest.mark.parametrize("name,text,message", BAD_SPECS, ids=[b[0] for b in BAD_SPECS])
 def test_bad_spec_exits_2_with_one_message_and_writes_nothing(tmp_path, name, text, message):
     spec = tmp_path / "spec.yaml"
     spec.write_text(text + f"output_dir: {tmp_path / 'out'}\n")
-    args = ["sweeps/run.py", str(spec)] + (["search.n_trials=0"] if name == "bad override" else [])
+    args = ["sweeps/run.py", str(spec), *ARGS.get(name, [])]
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     proc = run_cli(args, timeout=180, env=env)
     assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -99,3 +102,12 @@ def test_spec_errors_are_reported_together(tmp_path):
     with pytest.raises(UserError) as exc:
         load_spec(spec)
     assert "search.algorithm" in str(exc.value) and "colour: unknown key" in str(exc.value)
+
+
+def test_time_budget_and_stall_watchdog_do_not_make_another_sweep(tmp_path):
+    """--resume compares digests: --time-budget or more patience must not refuse the sweep it continues."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(GOOD)
+    digest = load_spec(spec).digest()
+    assert load_spec(spec, ["search.time_budget_s=60", "failure.stall_s=5", "failure.setup_s=0"]).digest() == digest
+    assert load_spec(spec, ["search.seed=1"]).digest() != digest

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import threading
+import time
 
 from trainer import TrainConfig, train
 
@@ -32,3 +34,25 @@ def test_explode_blows_the_loss_up(tiny_model_dir):
     result, reports = _run("explode@2")
     losses = [r.get("train_loss", math.inf) for r in reports]
     assert result.status == "diverged" or max(losses) > 4 * min(losses)
+
+
+def test_hang_goes_silent_at_its_step_but_not_when_resumed(tiny_model_dir, tmp_path):
+    """hang@K stands for a dead data loader: alive, no report; a retry resumed from a checkpoint gets past it."""
+    reports = []
+
+    def report(metrics, checkpoint=None):
+        reports.append(metrics)
+        if metrics["step"] == 2:
+            checkpoint(str(tmp_path))
+
+    cfg = TrainConfig(model="tiny", method="full", learning_rate=1e-3, max_steps=6, batch_size=4, report_every=4,
+                      eval_every=None, fault="hang@3", memorization=False, forgetting=False)
+    hung = threading.Thread(target=train, args=(cfg, report), daemon=True)  # left asleep; it dies with the process
+    hung.start()
+    deadline = time.monotonic() + 120
+    while not (reports and reports[-1]["step"] == 2) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(2)
+    assert hung.is_alive() and [r["step"] for r in reports] == [1, 2]
+    result = train(cfg, lambda m, checkpoint=None: None, resume_from=tmp_path)
+    assert result.status == "completed" and result.metrics["resumed_from_step"] == 2
