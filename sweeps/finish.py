@@ -92,7 +92,12 @@ def best_record(records: list[TrialRecord], mode: str = "min", method: str | Non
 def ui_command(uri: str) -> str:
     if uri.startswith("http"):
         return f"open {uri} in a browser"
-    return f"bash mlflow/serve {uri}    (then open http://127.0.0.1:5000)"
+    serve = Path(__file__).resolve().parents[1] / "mlflow" / "serve"
+    try:  # a sweep run from the user's own folder still gets a command that works there
+        serve = serve.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    return f"bash {serve} {uri}    (then open http://127.0.0.1:5000)"
 
 
 def summary_table(records: list[TrialRecord], metric: str) -> str:
