@@ -19,7 +19,7 @@ def finish_sweep(spec: SweepSpec, sweep_dir: Path, records: list[TrialRecord], t
         if r.outcome:
             tracker.submit({"op": "tags", "trial": r.trial_id, "tags": {"classification": r.outcome, "evidence": r.evidence or ""}})
     print()
-    print(summary_table(records, spec.search.metric))
+    print(summary_table(records, spec.search.metrics[0]))
     report = build_report(records, sweep_dir / "report", title=f"sweep {spec.name}")
     print("\nfindings:")
     for line in report.findings:
@@ -29,11 +29,11 @@ def finish_sweep(spec: SweepSpec, sweep_dir: Path, records: list[TrialRecord], t
             tracker.submit({"op": "artifact", "trial": None, "path": str(path), "dest": "report"})
         tracker.submit({"op": "text", "trial": None, "text": "\n".join(report.findings), "file": "report/findings.txt"})
         tracker.submit({"op": "tags", "trial": None, "tags": {"wall_s": f"{wall_s:.1f}", "trials": str(len(records))}})
-    best = best_record(records, spec.search.mode)
+    best = best_record(records, spec.search.modes[0])
     if best is not None:
         c = best.config
         print(f"\nbest: {best.trial_id} {c.get('method')} lr={c.get('learning_rate', float('nan')):.3g} "
-              f"bs={c.get('batch_size', '-')}  {spec.search.metric}={best.objective:.4f}")
+              f"bs={c.get('batch_size', '-')}  {spec.search.metrics[0]}={best.objective:.4f}")
         print(f"export it:  python scripts/export_best.py {sweep_dir}")
     print(f"report:     {report.html}")
     left = tracker.flush()
