@@ -93,3 +93,42 @@ output_dir: {tmp_path / 'out'}
     _, _, children = _runs(uri, "faults")
     reasons = {c.data.params.get("fault"): c.data.tags["reason"] for c in children}
     assert "non-finite loss" in reasons["nan@3"] and "step 3" in reasons["nan@3"]
+
+
+def test_a_multi_objective_sweep_stops_a_diverging_trial_records_it_pruned_and_tags_its_front(tmp_path, tiny_model_dir):
+    spec = tmp_path / "mo.yaml"
+    spec.write_text(f"""name: mo
+model: tiny
+data: {{train: "builtin:facts:16", eval: "builtin:facts-heldout:16"}}
+train: {{epochs: 2, batch_size: 4, seq_len: 48, report_every: 4, eval_every: 16, memorization: false, forgetting: true,
+        learning_rate: 0.003}}
+search: {{algorithm: grid, metric: [eval_loss, forgetting], mode: [min, min]}}
+space:
+  method: [full, lora]
+  fault: {{values: [null, "explode@4"], when: {{method: [full]}}}}
+pruning: {{rule: none}}
+output_dir: {tmp_path / 'out'}
+""")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = run_cli(["sweeps/run.py", str(spec)], timeout=600, env={"MLFLOW_TRACKING_URI": uri})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sweep_dir = tmp_path / "out/mo"
+    trials = {(t["config"]["method"], t["config"].get("fault")): t for t in json.loads((sweep_dir / "trials.json").read_text())}
+    exploded = trials[("full", "explode@4")]
+    assert exploded["outcome"] == "diverged" and exploded["stopped_by"].startswith("diverged")
+    assert exploded["history"][-1]["step"] <= 4 + 1, "stopped within one report of the explosion"
+    study = optuna.load_study(study_name="mo", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    assert len(study.directions) == 2
+    by_cell = {(t.user_attrs["method"], t.user_attrs.get("fault")): t for t in study.trials}
+    assert by_cell[("full", "explode@4")].state == optuna.trial.TrialState.PRUNED
+    for method in ("full", "lora"):
+        clean, record = by_cell[(method, None)], trials[(method, None)]
+        assert clean.state == optuna.trial.TrialState.COMPLETE
+        assert clean.values == pytest.approx([record["final"]["eval_loss"], record["final"]["forgetting"]])
+    front = {t.number for t in study.best_trials}
+    _, _, children = _runs(uri, "mo")
+    tags = {(c.data.params["method"], c.data.params.get("fault", "None")): c.data.tags for c in children}
+    on_front = {cell for cell, t in tags.items() if t.get("pareto") == "true"}
+    assert on_front == {(m, str(f)) for (m, f), t in by_cell.items() if t.number in front}, "MLflow's front is Optuna's"
+    assert "pareto" not in tags[("full", "explode@4")], "a stopped trial is on no front"
+    assert "trade-off front" in proc.stdout and (sweep_dir / "report" / "tradeoff.png").is_file()
