@@ -237,37 +237,61 @@ def _steps(front) -> tuple[list[float], list[float]]:
 
 
 def tradeoff_figure(records, out: Path) -> Path:
-    """Held-out loss (x) against forgetting (y): one point per finished trial, coloured by method, marked by
-    learning-rate decade and labelled with its LR; each method's front dashed, the overall front in black."""
+    """Held-out loss (x) against forgetting (y): one point per finished trial, coloured by method and marked by
+    its learning-rate decade; the points on a method's front are labelled with their LR. Each method's front
+    is dashed, the overall front black; the right axis reads forgetting as a factor on the base perplexity."""
     pts = points(records)
-    fig, ax = plt.subplots(figsize=(8.4, 5.2))
+    fig, ax = plt.subplots(figsize=(9.0, 5.6))
     if not pts:
         _empty(ax, "no finished trial measured forgetting (train.forgetting: true measures it)")
         ax.set_title("learning against forgetting", fontsize=11)
         return _save(fig, out)
-    decades = sorted({math.floor(math.log10(p.record.learning_rate) + 1e-9) for p in pts})
+    decades = sorted({_decade(p.record.learning_rate) for p in pts})
     marker = {d: _LR_MARKERS[i % len(_LR_MARKERS)] for i, d in enumerate(decades)}
+    handles = []
     for i, (method, mfront) in enumerate(fronts_by_method(pts).items()):
         color = _method_color(method, i)
         for p in (p for p in pts if p.record.method == method):
-            d = math.floor(math.log10(p.record.learning_rate) + 1e-9)
-            ax.scatter(p.loss, p.forgetting, marker=marker[d], s=46, color=color, edgecolor="white", zorder=3)
-            ax.annotate(f"{p.record.learning_rate:.0e}".replace("e-0", "e-"), (p.loss, p.forgetting), fontsize=6,
-                        xytext=(4, 3), textcoords="offset points", color="#444")
-        ax.plot(*_steps(mfront), ls="--", lw=1.2, color=color, label=f"{method} front ({len(mfront)})")
+            ax.scatter(p.loss, p.forgetting, marker=marker[_decade(p.record.learning_rate)], s=46, color=color,
+                       edgecolor="white", zorder=3)
+        for p in mfront:
+            ax.annotate(f"{p.record.learning_rate:.1e}".replace("e-0", "e-"), (p.loss, p.forgetting), fontsize=6,
+                        xytext=(3, 4), textcoords="offset points", color="#333")
+        handles += ax.plot(*_steps(mfront), ls="--", lw=1.2, color=color, label=f"{method}: {len(mfront)} on its front")
     overall = front(pts)
-    ax.plot(*_steps(overall), color="black", lw=2.2, alpha=0.55, zorder=2, label=f"overall front ({len(overall)})")
-    ax.axhline(0, color="#999", lw=0.8, ls=":")
-    handles, _ = ax.get_legend_handles_labels()
+    handles += ax.plot(*_steps(overall), color="black", lw=2.4, alpha=0.5, zorder=2,
+                       label=f"overall front: {len(overall)} of {len(pts)} trials")
     handles += [plt.Line2D([], [], marker=marker[d], ls="", color="#666", label=f"lr 1e{d} to 1e{d + 1}") for d in decades]
-    ax.legend(handles=handles, fontsize=7, loc="upper right", ncol=2)
+    ax.axhline(0, color="#999", lw=0.8, ls=":")
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=7.5, frameon=False)
     ax.set_xlabel("held-out loss (lower: learned more)")
     ax.set_ylabel("forgetting: reference NLL change (nats)")
-    right = ax.secondary_yaxis("right", functions=(np.exp, lambda f: np.log(np.clip(f, 1e-12, None))))
-    right.set_ylabel("reference perplexity, x the base model's")
-    ax.set_title("Learning against forgetting: each point a trial; lower left is better on both", fontsize=11)
+    _perplexity_axis(ax)
+    ax.set_title("Learning against forgetting: each point a trial, lower left is better on both;\n"
+                 "labels: the learning rate of each point on its method's front", fontsize=10)
     ax.grid(alpha=0.25)
-    return _save(fig, out)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(out, dpi=_DPI)
+    plt.close(fig)
+    return Path(out)
+
+
+def _decade(lr: float) -> int:
+    return math.floor(math.log10(lr) + 1e-9)
+
+
+def _perplexity_axis(ax) -> None:
+    """A right axis in exp(forgetting): the factor on the base model's perplexity on the reference text."""
+    right = ax.secondary_yaxis("right", functions=(np.exp, lambda f: np.log(np.clip(f, 1e-12, None))))
+    y0, y1 = ax.get_ylim()
+    ticks: list[float] = []
+    for t in sorted((0.5, 0.8, 1, 1.25, 1.5, 2, 3, 5, 10, 20, 50, 100, 300, 1000, 1e4), key=lambda t: abs(math.log(t))):
+        # 1x (no change) first; then no tick closer than 1/12 of the axis to another, so every label reads
+        if y0 <= math.log(t) <= y1 and all(abs(math.log(t / u)) >= (y1 - y0) / 12 for u in ticks):
+            ticks.append(t)
+    ticks.sort()
+    right.set_yticks(ticks, [f"{t:g}x" for t in ticks])
+    right.set_ylabel("reference perplexity vs the base model")
 
 
 def importance_figure(importances: dict[str, dict[str, float]], out: Path, note: str = "") -> Path:
