@@ -17,7 +17,7 @@ from matplotlib.colors import LogNorm  # noqa: E402
 
 from sweeps.analysis import best_trial, final_loss, lr_sensitivity, methods, stable_window  # noqa: E402
 from sweeps.records import LABELS, OUTCOMES  # noqa: E402
-from sweeps.tradeoff import front, fronts_by_method, points  # noqa: E402
+from sweeps.tradeoff import front, fronts_by_method, lr_text, points  # noqa: E402
 
 OUTCOME_COLORS = {
     "converged": "#2a9d3f", "slow": "#8ecae6", "oscillating": "#f4a261", "overfit": "#7b2cbf",
@@ -255,7 +255,7 @@ def tradeoff_figure(records, out: Path) -> Path:
             ax.scatter(p.loss, p.forgetting, marker=marker[_decade(p.record.learning_rate)], s=46, color=color,
                        edgecolor="white", zorder=3)
         for p in mfront:
-            ax.annotate(f"{p.record.learning_rate:.1e}".replace("e-0", "e-"), (p.loss, p.forgetting), fontsize=6,
+            ax.annotate(lr_text(p.record.learning_rate), (p.loss, p.forgetting), fontsize=6,
                         xytext=(3, 4), textcoords="offset points", color="#333")
         handles += ax.plot(*_steps(mfront), ls="--", lw=1.2, color=color, label=f"{method}: {len(mfront)} on its front")
     overall = front(pts)

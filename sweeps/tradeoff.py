@@ -77,7 +77,7 @@ def ppl_factor(forgetting: float) -> float:
 
 def label(r: TrialRecord, keys: list[str] | None = None) -> str:
     """'full lr 1e-3 bs 8' with the other searched settings that vary (``keys``)."""
-    parts = [r.method, f"lr {_lr(r.learning_rate)}"]
+    parts = [r.method, f"lr {lr_text(r.learning_rate)}"]
     short = {"batch_size": "bs", "epochs": "epochs", "lora_r": "r"}
     for key in keys or []:
         if key == "lora_r" and r.method != "lora":
@@ -169,7 +169,7 @@ def _range(lo: float, hi: float, fmt: str = "{:.2f}") -> str:
     return fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)} to {fmt.format(hi)}"
 
 
-def _lr(lr: float) -> str:
+def lr_text(lr: float) -> str:
     """1e-3 for a grid's round values, 3.2e-4 for a sampled one."""
     text = f"{lr:.0e}" if abs(lr - float(f"{lr:.0e}")) <= 1e-3 * lr else f"{lr:.1e}"
     return text.replace("e-0", "e-").replace("e+0", "e+")
