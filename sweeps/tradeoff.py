@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from itertools import combinations
 
-from sweeps.analysis import final_loss, methods
+from sweeps.analysis import methods
 from sweeps.records import TrialRecord
 
 SAME = 0.01  # nats: forgetting differences below this are read as "the same"
@@ -36,10 +36,11 @@ def finished(r: TrialRecord) -> bool:
 
 
 def points(records: list[TrialRecord]) -> list[Point]:
-    """Finished trials with both measures (a stopped trial never measured its forgetting)."""
+    """Finished trials with both measures (a stopped trial never measured its forgetting). The loss is the one
+    measured, not capped at l0 as on the map: it is what Optuna was told and what export compares."""
     out = []
     for r in records:
-        loss, forgetting = final_loss(r), r.final.get("forgetting")
+        loss, forgetting = r.final.get("eval_loss"), r.final.get("forgetting")
         if finished(r) and is_number(loss) and is_number(forgetting):
             out.append(Point(r, float(loss), float(forgetting)))
     return out
