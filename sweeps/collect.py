@@ -61,7 +61,7 @@ def _record(trial_dir: Path, stops: dict, mlflow_map: dict, base: dict) -> Trial
     error = None if recovered or not failures else failures[-1]
     outcome, reason = trial_outcome(final, stops.get(trial_id), error)
     record = TrialRecord(
-        trial_id=trial_id, config=config, history=history, final=_finite(final),
+        trial_id=trial_id, config=config, params=sampled, history=history, final=_finite(final),
         stopped_by=stops.get(trial_id), error=error if outcome == "failed" and error else (reason if outcome == "failed" else None),
         mlflow_run_id=mlflow_map.get(trial_id),
     )

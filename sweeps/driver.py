@@ -206,7 +206,7 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, writer, resume: bool):
 
     from sweeps.progress import ProgressPrinter
     from sweeps.pruning import PruningSearch, make_pruner
-    from sweeps.space import DefineByRun, GridSpace, grid_sampler, n_trials
+    from sweeps.space import DefineByRun, GridSpace, make_sampler, n_trials
     from sweeps.trial import run_trial
     from trainer.config import TrainConfig
 
@@ -219,26 +219,20 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, writer, resume: bool):
         total_examples = math.ceil(base.epochs * len(load_records(spec.data.train)))
     failure = spec.failure
     trainable = tune.with_parameters(
-        run_trial, base=spec.base_train(), metric=spec.search.metric, checkpoint_every=failure.checkpoint_every,
+        run_trial, base=spec.base_train(), metrics=spec.search.metrics, checkpoint_every=failure.checkpoint_every,
         stall_s=failure.stall_s, setup_s=failure.setup_s,
     )
     resources = _ResourcesFor(spec)
     trainable = tune.with_resources(trainable, resources)
     n_total = n_trials(spec)
     storage = optuna.storages.RDBStorage(f"sqlite:///{sweep_dir / 'optuna.db'}")
-    if spec.search.algorithm == "grid":
-        space = GridSpace(spec)
-        sampler = grid_sampler(spec, spec.search.seed)
-    else:
-        space = DefineByRun(spec)
-        sampler = (optuna.samplers.TPESampler(seed=spec.search.seed, n_startup_trials=spec.search.startup_trials)
-                   if spec.search.algorithm == "tpe" else optuna.samplers.RandomSampler(seed=spec.search.seed))
-    progress = ProgressPrinter(n_total, spec.search.metric, sweep_dir / "stops.jsonl")
+    space = GridSpace(spec) if spec.search.algorithm == "grid" else DefineByRun(spec)
+    progress = ProgressPrinter(n_total, spec.search.metrics[0], sweep_dir / "stops.jsonl")
     if resume:
         # Ray restores the searcher (the Optuna study and its trial map) and the stopper from the sweep folder
         return tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True), n_total
     bridge = PruningSearch(
-        spec, space=space, sampler=sampler, storage=storage,
+        spec, space=space, sampler=make_sampler(spec), storage=storage,
         pruner=make_pruner(spec.pruning, base.report_every, total_examples),
         stops_file=sweep_dir / "stops.jsonl", report_every=base.report_every,
     )

@@ -1,4 +1,5 @@
-"""The sweep's figures (matplotlib, Agg): the map, the loss curves, the per-method panel, what changed.
+"""The sweep's figures (matplotlib, Agg): the map, the loss curves, the per-method panel, what changed,
+learning against forgetting (the Pareto front), and which settings mattered.
 
 Every function writes one PNG and returns its path; missing data gives a panel that says so.
 """
@@ -11,10 +12,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
 from sweeps.analysis import best_trial, final_loss, lr_sensitivity, methods, stable_window  # noqa: E402
 from sweeps.records import LABELS, OUTCOMES  # noqa: E402
+from sweeps.tradeoff import front, fronts_by_method, lr_text, points  # noqa: E402
 
 OUTCOME_COLORS = {
     "converged": "#2a9d3f", "slow": "#8ecae6", "oscillating": "#f4a261", "overfit": "#7b2cbf",
@@ -210,4 +213,100 @@ def changes_figure(records, out: Path) -> Path:
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.25)
+    return _save(fig, out)
+
+
+_METHOD_COLORS = {"full": "#1f77b4", "lora": "#e76f51", "last_layer": "#2a9d8f"}
+_LR_MARKERS = "o^sDvP*Xh<>p"
+
+
+def _method_color(method: str, index: int) -> str:
+    return _METHOD_COLORS.get(method, plt.get_cmap("tab10")(index % 10))
+
+
+def _steps(front) -> tuple[list[float], list[float]]:
+    """A front as the staircase it is: from each point, the forgetting holds until the next point's loss."""
+    xs, ys = [], []
+    for i, p in enumerate(front):
+        xs.append(p.loss)
+        ys.append(p.forgetting)
+        if i + 1 < len(front):
+            xs.append(front[i + 1].loss)
+            ys.append(p.forgetting)
+    return xs, ys
+
+
+def tradeoff_figure(records, out: Path) -> Path:
+    """Held-out loss (x) against forgetting (y): one point per finished trial, coloured by method and marked by
+    its learning-rate decade; the points on a method's front are labelled with their LR. Each method's front
+    is dashed, the overall front black; the right axis reads forgetting as a factor on the base perplexity."""
+    pts = points(records)
+    fig, ax = plt.subplots(figsize=(9.0, 5.6))
+    if not pts:
+        _empty(ax, "no finished trial measured forgetting (train.forgetting: true measures it)")
+        ax.set_title("learning against forgetting", fontsize=11)
+        return _save(fig, out)
+    decades = sorted({_decade(p.record.learning_rate) for p in pts})
+    marker = {d: _LR_MARKERS[i % len(_LR_MARKERS)] for i, d in enumerate(decades)}
+    handles = []
+    for i, (method, mfront) in enumerate(fronts_by_method(pts).items()):
+        color = _method_color(method, i)
+        for p in (p for p in pts if p.record.method == method):
+            ax.scatter(p.loss, p.forgetting, marker=marker[_decade(p.record.learning_rate)], s=46, color=color,
+                       edgecolor="white", zorder=3)
+        for p in mfront:
+            ax.annotate(lr_text(p.record.learning_rate), (p.loss, p.forgetting), fontsize=6,
+                        xytext=(3, 4), textcoords="offset points", color="#333")
+        handles += ax.plot(*_steps(mfront), ls="--", lw=1.2, color=color, label=f"{method}: {len(mfront)} on its front")
+    overall = front(pts)
+    handles += ax.plot(*_steps(overall), color="black", lw=2.4, alpha=0.5, zorder=2,
+                       label=f"overall front: {len(overall)} of {len(pts)} trials")
+    handles += [plt.Line2D([], [], marker=marker[d], ls="", color="#666", label=f"lr 1e{d} to 1e{d + 1}") for d in decades]
+    ax.axhline(0, color="#999", lw=0.8, ls=":")
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=7.5, frameon=False)
+    ax.set_xlabel("held-out loss (lower: learned more)")
+    ax.set_ylabel("forgetting: reference NLL change (nats)")
+    _perplexity_axis(ax)
+    ax.set_title("Learning against forgetting: each point a trial, lower left is better on both;\n"
+                 "labels: the learning rate of each point on its method's front", fontsize=10)
+    ax.grid(alpha=0.25)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(out, dpi=_DPI)
+    plt.close(fig)
+    return Path(out)
+
+
+def _decade(lr: float) -> int:
+    return math.floor(math.log10(lr) + 1e-9)
+
+
+def _perplexity_axis(ax) -> None:
+    """A right axis in exp(forgetting): the factor on the base model's perplexity on the reference text."""
+    right = ax.secondary_yaxis("right", functions=(np.exp, lambda f: np.log(np.clip(f, 1e-12, None))))
+    y0, y1 = ax.get_ylim()
+    ticks: list[float] = []
+    for t in sorted((0.5, 0.8, 1, 1.25, 1.5, 2, 3, 5, 10, 20, 50, 100, 300, 1000, 1e4), key=lambda t: abs(math.log(t))):
+        # 1x (no change) first; then no tick closer than 1/12 of the axis to another, so every label reads
+        if y0 <= math.log(t) <= y1 and all(abs(math.log(t / u)) >= (y1 - y0) / 12 for u in ticks):
+            ticks.append(t)
+    ticks.sort()
+    right.set_yticks(ticks, [f"{t:g}x" for t in ticks])
+    right.set_ylabel("reference perplexity vs the base model")
+
+
+def importance_figure(importances: dict[str, dict[str, float]], out: Path, note: str = "") -> Path:
+    """One panel per objective: each searched setting's importance (Optuna fANOVA), largest on top."""
+    fig, axes = _panels(max(len(importances), 1), 3.0)
+    if not importances:
+        _empty(axes[0], note or "not enough finished trials for parameter importance")
+        axes[0].set_title("parameter importance", fontsize=10)
+        return _save(fig, out)
+    for ax, (objective, values) in zip(axes, importances.items()):
+        names = list(values)[::-1]
+        ax.barh(names, [values[n] for n in names], color="#457b9d")
+        for y, n in enumerate(names):
+            ax.text(values[n] + 0.01, y, f"{values[n]:.2f}", va="center", fontsize=8)
+        ax.set_xlim(0, 1.1)
+        ax.set_title(f"what mattered for {objective}", fontsize=10)
+        ax.set_xlabel("importance (fANOVA, sums to 1)")
     return _save(fig, out)

@@ -1,15 +1,16 @@
 """The end of a sweep: classify every curve, write trials.json, print the summary, draw the map, log it all."""
 from __future__ import annotations
 
+import json
 import math
-from pathlib import Path
-
 import time
+from pathlib import Path
 
 from sweeps.analysis import final_loss
 from sweeps.browse import LINK_WORDS, parent_note, ui_base, ui_links
 from sweeps.records import OUTCOMES, TrialRecord, save_records
 from sweeps.spec import SweepSpec
+from sweeps.tradeoff import finished, front, is_number, non_dominated, points
 
 
 def finish_sweep(spec: SweepSpec, sweep_dir: Path, records: list[TrialRecord], tracker, parent: str | None, *, wall_s: float) -> None:
@@ -18,35 +19,46 @@ def finish_sweep(spec: SweepSpec, sweep_dir: Path, records: list[TrialRecord], t
 
     classify_all(records, spec.thresholds())
     save_records(records, sweep_dir / "trials.json")
+    on_front = pareto_ids(records, spec)
     for r in records:
         if r.outcome:
-            tracker.submit({"op": "tags", "trial": r.trial_id, "tags": {"classification": r.outcome, "evidence": r.evidence or ""}})
+            tags = {"classification": r.outcome, "evidence": r.evidence or ""}
+            if finished(r):  # MLflow: filter tags.pareto = 'true' for the trials no other trial beats on every objective
+                tags["pareto"] = str(r.trial_id in on_front).lower()
+            tracker.submit({"op": "tags", "trial": r.trial_id, "tags": tags})
     print()
-    print(summary_table(records, spec.search.metric))
+    print(summary_table(records, spec.search.metrics[0]))
     links = _links(tracker, parent, records)
     report = build_report(records, sweep_dir / "report", title=f"sweep {spec.name}", links=links)
     print("\nfindings:")
     for line in report.findings:
         print(f"  - {line}")
-    best = best_record(records, spec.search.mode)
+    best = best_record(records, spec.search.modes[0])
     best_words = None
     if best is not None:
         c = best.config
         best_words = (f"{best.trial_id} {c.get('method')} lr={c.get('learning_rate', float('nan')):.3g} "
-                      f"bs={c.get('batch_size', '-')}  {spec.search.metric}={best.objective:.4f}")
+                      f"bs={c.get('batch_size', '-')}  {spec.search.metrics[0]}={best.objective:.4f}")
     if parent:
         for path in [*report.figures, report.html, sweep_dir / "trials.json"]:
             tracker.submit({"op": "artifact", "trial": None, "path": str(path), "dest": "report"})
         tracker.submit({"op": "text", "trial": None, "text": "\n".join(report.findings), "file": "report/findings.txt"})
+        if report.importances:
+            tracker.submit({"op": "text", "trial": None, "text": json.dumps(report.importances, indent=1),
+                            "file": "report/importance.json"})
         note = parent_note(spec.name, report.findings, [p.name for p in [*report.figures, report.html]], links, best_words)
         tracker.submit({"op": "tags", "trial": None, "tags": {"wall_s": f"{wall_s:.1f}", "trials": str(len(records)),
                                                                "mlflow.note.content": note}})
         tracker.submit({"op": "metrics", "trial": None, "last_step": 0,
-                        "metrics": [(k, v, int(time.time() * 1000), 0) for k, v in summary_metrics(records, best, spec.search.metric).items()]})
+                        "metrics": [(k, v, int(time.time() * 1000), 0)
+                                    for k, v in summary_metrics(records, best, spec.search.metrics[0]).items()]})
         tracker.submit({"op": "end", "trial": None, "status": "FINISHED"})  # --resume sets it running again
     if best_words:
         print(f"\nbest: {best_words}")
         print(f"export it:  python scripts/export_best.py {sweep_dir}")
+        if on_front:
+            print(f"the front:  python scripts/export_best.py {sweep_dir} --pareto   ({len(on_front)} trials; "
+                  "tag pareto=true in MLflow)")
     print(f"report:     {report.html}")
     left = tracker.flush()
     if left:
@@ -80,10 +92,22 @@ def _links(tracker, parent: str | None, records: list[TrialRecord]) -> dict[str,
     return ui_links(ui_base(tracker.uri), experiment, parent, runs)
 
 
+def pareto_ids(records: list[TrialRecord], spec: SweepSpec) -> set[str]:
+    """The trials on the front of the search's objectives (several metrics), else of held-out loss and forgetting."""
+    if not spec.search.multi_objective:
+        return {p.record.trial_id for p in front(points(records))}
+    signs = [1.0 if mode == "min" else -1.0 for mode in spec.search.modes]
+
+    def key(r: TrialRecord) -> tuple[float, ...]:
+        return tuple(s * float(r.final[m]) for s, m in zip(signs, spec.search.metrics))
+
+    measured = [r for r in records if finished(r) and all(is_number(r.final.get(m)) for m in spec.search.metrics)]
+    return {r.trial_id for r in non_dominated(measured, key)}
+
+
 def best_record(records: list[TrialRecord], mode: str = "min", method: str | None = None) -> TrialRecord | None:
-    """The best completed trial (pruned, diverged and failed trials never count)."""
-    ok = [r for r in records if r.outcome not in ("pruned", "diverged", "failed") and r.objective is not None
-          and r.final.get("status") == "completed" and (method is None or r.method == method)]
+    """The best completed trial (pruned, diverged, failed and unfinished trials never count)."""
+    ok = [r for r in records if finished(r) and r.objective is not None and (method is None or r.method == method)]
     if not ok:
         return None
     return (min if mode == "min" else max)(ok, key=lambda r: r.objective)

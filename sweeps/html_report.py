@@ -10,6 +10,7 @@ from sweeps.analysis import final_loss
 from sweeps.browse import LINK_WORDS
 from sweeps.figures import OUTCOME_COLORS
 from sweeps.records import LABELS
+from sweeps.tradeoff import front, label, points, ppl_factor, varied_keys
 
 _CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1400px;color:#222}
 h1{font-size:22px}h2{font-size:17px;margin-top:28px}img{max-width:100%;border:1px solid #eee}
@@ -31,6 +32,7 @@ def write_html(records, figures: list[Path], findings: list[str], out: Path, tit
     for fig in figures:
         data = base64.b64encode(Path(fig).read_bytes()).decode()
         parts.append(f"<h2>{html.escape(Path(fig).stem)}</h2><img alt='{Path(fig).stem}' src='data:image/png;base64,{data}'>")
+    parts.extend(_front_table(records))
     parts.append("<h2>Trials</h2><table><tr><th>trial</th><th>method</th><th>lr</th><th>batch size</th><th>epochs</th>"
                  "<th>outcome</th><th>evidence</th><th>final eval loss</th><th>l0</th><th>steps</th></tr>")
     for r in sorted(records, key=lambda r: (r.method, r.learning_rate)):
@@ -50,3 +52,16 @@ def write_html(records, figures: list[Path], findings: list[str], out: Path, tit
 
 def _num(v) -> str:
     return f"{v:.4f}" if isinstance(v, (int, float)) and math.isfinite(v) else "-"
+
+
+def _front_table(records) -> list[str]:
+    """The trade-off front: the trials no other trial beats on both held-out loss and forgetting."""
+    pts = front(points(records))
+    if not pts:
+        return []
+    keys = varied_keys(records)
+    rows = ["<h2>Trade-off front (held-out loss against forgetting)</h2><table><tr><th>trial</th><th>settings</th>"
+            "<th>held-out loss</th><th>forgetting (nats)</th><th>reference perplexity x base</th></tr>"]
+    rows += [f"<tr><td>{html.escape(p.record.trial_id)}</td><td>{html.escape(label(p.record, keys))}</td>"
+             f"<td>{p.loss:.4f}</td><td>{p.forgetting:+.3f}</td><td>{ppl_factor(p.forgetting):.2f}x</td></tr>" for p in pts]
+    return rows + ["</table>"]

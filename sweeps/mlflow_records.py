@@ -61,7 +61,7 @@ def _record(client, run) -> TrialRecord:
     final["done"] = outcome == "completed"
     reason = tags.get("reason") or None
     return TrialRecord(
-        trial_id=tags.get("trial_id", run.info.run_id[:8]), config=config, history=history, final=final,
+        trial_id=tags.get("trial_id", run.info.run_id[:8]), config=config, params=dict(config), history=history, final=final,
         stopped_by=reason if outcome in ("pruned", "diverged") else None,
         error=reason if outcome == "failed" else None, mlflow_run_id=run.info.run_id,
         objective=final.get("objective"),

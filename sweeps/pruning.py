@@ -14,6 +14,14 @@ Tune ``Stopper`` (public API): passed as ``TuneConfig(search_alg=...)`` and
    watchdog failed keeps the reason in its user attribute ``stalls``, also
    when a retry then completes it.
 
+With several objectives (``search.metric: [eval_loss, forgetting]``) the study
+is multi-objective, and Optuna cannot prune it: ``Trial.report`` raises and
+its pruners read ``study.direction``, which such a study does not have. The
+bridge then stores the intermediate value itself and shows the pruner a view
+of the study in the primary metric's direction; the spec allows only median or
+percentile there, and only when it names the rule (``sweeps.spec``). The
+divergence rules do not depend on the objectives and always apply.
+
 Reasons are appended to ``stops.jsonl`` in the sweep folder, so they survive
 a driver crash and a resume. After ``Tuner.restore`` Ray unpickles the
 searcher and the stopper as two objects; the stopper then delegates to the
@@ -28,11 +36,13 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.study import StudyDirection
 from optuna.trial import TrialState
 from ray.tune import Stopper
 from ray.tune.search.optuna import OptunaSearch
 
 from sweeps.spec import Pruning, SweepSpec
+from sweeps.trial import objective_keys
 from trainer.curves import DivergenceRule
 
 log = logging.getLogger(__name__)
@@ -88,11 +98,16 @@ class PruningSearch(OptunaSearch, Stopper):
     """OptunaSearch + Stopper: see the module docstring."""
 
     def __init__(self, spec: SweepSpec, *, space, sampler, storage, pruner, stops_file: Path, report_every: int):
+        keys = objective_keys(spec.search.metrics)
+        multi = spec.search.multi_objective
+        # Ray's OptunaSearch takes a metric list and a mode list for a multi-objective study
         super().__init__(
-            space=space, metric="objective", mode=spec.search.mode, sampler=sampler,
-            storage=storage, study_name=spec.name,
+            space=space, metric=keys if multi else keys[0], mode=spec.search.modes if multi else spec.search.modes[0],
+            sampler=sampler, storage=storage, study_name=spec.name,
         )
         self._ot_study.pruner = pruner
+        self._objective_keys = keys
+        self._primary_direction = StudyDirection.MINIMIZE if spec.search.modes[0] == "min" else StudyDirection.MAXIMIZE
         self._key = spec.name
         self._pruning = spec.pruning
         self._report_every = report_every
@@ -150,15 +165,20 @@ class PruningSearch(OptunaSearch, Stopper):
         value, step = result.get(self._pruning.metric), result.get("examples_seen")
         if ot_trial is None or value is None or step is None or not math.isfinite(value):
             return None
-        ot_trial.report(float(value), int(step))
+        storage, multi = self._ot_study._storage, len(self._objective_keys) > 1
+        if multi:  # Trial.report raises here; the storage keeps the curve all the same
+            storage.set_trial_intermediate_value(ot_trial._trial_id, int(step), float(value))
+        else:
+            ot_trial.report(float(value), int(step))
+        by_method = self._pruning.scope == "method" and self._pruning.rule in ("median", "percentile")
         study = self._ot_study
-        if self._pruning.scope == "method" and self._pruning.rule in ("median", "percentile"):
+        if by_method or multi:
             # Compare like with like: LoRA learns slower per example than full fine-tuning at its best LR,
             # so a sweep-wide median would prune good LoRA trials for being LoRA.
-            study = _MethodView(study, (result.get("config") or {}).get("method"))
-        frozen = self._ot_study._storage.get_trial(ot_trial._trial_id)
-        if study.pruner.prune(study, frozen):
-            scope = f" among {self._pruning.scope} trials" if study is not self._ot_study else ""
+            method = (result.get("config") or {}).get("method") if by_method else None
+            study = _StudyView(self._ot_study, method, self._primary_direction)
+        if study.pruner.prune(study, storage.get_trial(ot_trial._trial_id)):
+            scope = f" among {self._pruning.scope} trials" if by_method else ""
             return f"pruned: {self._pruning.rule}{scope} at {step} examples"
         return None
 
@@ -174,13 +194,14 @@ class PruningSearch(OptunaSearch, Stopper):
             return
         ot_trial = self._ot_trials[trial_id]
         status = (result or {}).get("status")
-        value = (result or {}).get("objective")
+        values = [(result or {}).get(k) for k in self._objective_keys]
+        measured = all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
         if error or status == "failed":
             state, value = TrialState.FAIL, None
-        elif trial_id in self._stopped or status == "diverged" or value is None or not math.isfinite(value):
+        elif trial_id in self._stopped or status == "diverged" or not measured:
             state, value = TrialState.PRUNED, None
         else:
-            state = TrialState.COMPLETE
+            state, value = TrialState.COMPLETE, (values if len(values) > 1 else values[0])
         try:
             self._ot_study.tell(ot_trial, value, state=state)
         except Exception as exc:  # a trial already told (e.g. after a resume) must not stop the sweep
@@ -196,15 +217,16 @@ class PruningSearch(OptunaSearch, Stopper):
         return state
 
 
-class _MethodView:
-    """The study as the pruner sees it: only the trials of one tuning method."""
+class _StudyView:
+    """The study as the pruner sees it: only the trials of one tuning method (when given), and the primary
+    metric's direction (a multi-objective study has no single ``direction``)."""
 
-    def __init__(self, study: optuna.Study, method: str | None):
-        self._study, self._method = study, method
+    def __init__(self, study: optuna.Study, method: str | None, direction: StudyDirection):
+        self._study, self._method, self.direction = study, method, direction
 
     def get_trials(self, deepcopy: bool = True, states=None):
         trials = self._study.get_trials(deepcopy=deepcopy, states=states)
-        return [t for t in trials if _method_of(t) == self._method]
+        return trials if self._method is None else [t for t in trials if _method_of(t) == self._method]
 
     def __getattr__(self, name: str):
         return getattr(self._study, name)

@@ -43,6 +43,9 @@ class TrialRecord:
     trial_id: str
     config: dict[str, Any]
     """The trial's TrainConfig fields (method, learning_rate, batch_size, epochs, ...)."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """The values the search chose for this trial (the spec's ``space`` dimensions it sampled; ``lora_r`` only
+    for LoRA trials when the spec says so). Empty in records written before it existed."""
     history: list[dict[str, Any]] = field(default_factory=list)
     """One dict per report: step, examples_seen, train_loss, train_loss_ema, grad_norm, lr, tokens_per_s,
     and eval_loss at eval points. Values are floats; non-finite values are stored as None."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if __name__ == "__main__" and __package__ in (None, ""):
@@ -24,6 +24,8 @@ class Report:
     figures: list[Path]
     html: Path
     findings: list[str]
+    importances: dict[str, dict[str, float]] = field(default_factory=dict)
+    """objective -> {searched setting: fANOVA importance}; empty with too few finished trials."""
 
 
 def build_report(records, out_dir: Path, *, title: str, links: dict[str, str] | None = None) -> Report:
@@ -31,22 +33,26 @@ def build_report(records, out_dir: Path, *, title: str, links: dict[str, str] | 
     import matplotlib
 
     matplotlib.use("Agg")
-    from sweeps import figures
+    from sweeps import figures, importance, tradeoff
     from sweeps.analysis import diagnose
     from sweeps.html_report import write_html
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    findings = diagnose(records)
+    found = importance.importances(records)
+    findings = diagnose(records) + tradeoff.findings(records) + importance.findings(records, found)
     paths = [
         figures.map_figure(records, out_dir / "map.png"),
         figures.curves_figure(records, out_dir / "curves.png"),
         figures.method_panel_figure(records, out_dir / "methods.png"),
         figures.changes_figure(records, out_dir / "changes.png"),
+        figures.tradeoff_figure(records, out_dir / "tradeoff.png"),
+        figures.importance_figure(found, out_dir / "importance.png",
+                                  note=f"parameter importance needs >= {importance.MIN_TRIALS} finished trials"),
     ]
     html = out_dir / "report.html"
     write_html(records, paths, findings, html, title, links=links)
-    return Report(paths, html, findings)
+    return Report(paths, html, findings, found)
 
 
 def load_sweep(target: str):

@@ -101,7 +101,9 @@ def n_trials(spec: SweepSpec) -> int:
 
 def describe(spec: SweepSpec) -> str:
     """What a dry run prints: the grid's trials, or the space to be sampled."""
-    lines = [f"sweep {spec.name}: {spec.search.algorithm}, {n_trials(spec)} trial(s), model {spec.model}"]
+    lines = [f"sweep {spec.name}: {spec.search.algorithm}, {n_trials(spec)} trial(s), model {spec.model}",
+             "objective: " + ", ".join(f"{m} ({mode})" for m, mode in zip(spec.search.metrics, spec.search.modes))
+             + (" (multi-objective: the study looks for their Pareto front)" if spec.search.multi_objective else "")]
     if spec.search.algorithm == "grid":
         cells = grid_cells(spec)
         keys = sorted({k for c in cells for k in c}, key=lambda k: (k != "method", k))
@@ -131,6 +133,21 @@ def _fmt(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
+
+
+def make_sampler(spec: SweepSpec):
+    """The spec's Optuna sampler; TPE, NSGA-II, random and grid all handle one objective or several."""
+    import optuna
+
+    seed, algorithm = spec.search.seed, spec.search.algorithm
+    if algorithm == "grid":
+        return grid_sampler(spec, seed)
+    if algorithm == "nsga2":
+        # the first generation is random; startup_trials sizes it (Optuna's default of 50 is more than a sweep runs)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(2, spec.search.startup_trials))
+    if algorithm == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.search.startup_trials)
 
 
 def grid_sampler(spec: SweepSpec, seed: int):

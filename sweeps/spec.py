@@ -103,21 +103,52 @@ class Dimension(BaseModel):
         return Range(low=self.low, high=self.high, log=self.log, integer=self.integer, grid=self.grid)
 
 
+Mode = Literal["min", "max"]
+
+
 class Search(BaseModel):
     model_config = _STRICT
-    algorithm: Literal["tpe", "random", "grid"] = "tpe"
-    metric: str = "eval_loss"  # the objective, read from each trial's final report
-    mode: Literal["min", "max"] = "min"
+    # tpe: Optuna's TPESampler (one objective or several); nsga2: NSGAIISampler (a genetic search for the
+    # Pareto front of several objectives); random; grid
+    algorithm: Literal["tpe", "nsga2", "random", "grid"] = "tpe"
+    # the objective, read from each trial's final report; a list ([eval_loss, forgetting]) makes the study
+    # multi-objective: Optuna looks for the front of trials that no other trial beats on every metric
+    metric: str | list[str] = "eval_loss"
+    mode: Mode | list[Mode] = "min"  # one per metric (a single mode applies to every metric)
     n_trials: int | None = Field(None, ge=1)  # tpe/random: how many trials; grid: the grid's size when None
     seed: int = 0
     max_concurrent: int | None = Field(None, ge=1)  # None = as many as the resources allow
     # tpe: random trials before TPE models the space (Optuna's default 10); fewer leaves more of a small
-    # budget guided, but TPE's model of a space with several dimensions is poor on few points
+    # budget guided, but TPE's model of a space with several dimensions is poor on few points.
+    # nsga2: the population size (its first generation is random)
     startup_trials: int = Field(10, ge=1)
     # wall-clock seconds for the trials of this run (None: no limit), from the start of Ray Tune's run; when
     # they are up the running trials stop where they are (recorded unfinished), the report is written from what
     # finished, and --resume continues (with a fresh budget). The same as --time-budget SECONDS
     time_budget_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _metrics_and_modes(self) -> "Search":
+        if isinstance(self.metric, list) and not self.metric:
+            raise ValueError("metric: give at least one metric")
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ValueError(f"metric: each metric once, but got {self.metric}")
+        if isinstance(self.mode, list) and len(self.mode) != len(self.metrics):
+            raise ValueError(f"mode: one per metric ({len(self.metrics)}), but got {self.mode}")
+        return self
+
+    @property
+    def metrics(self) -> list[str]:
+        """The objectives in order; the first is the primary one (ranked, exported, pruned on)."""
+        return [self.metric] if isinstance(self.metric, str) else list(self.metric)
+
+    @property
+    def modes(self) -> list[str]:
+        return list(self.mode) if isinstance(self.mode, list) else [self.mode] * len(self.metrics)
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.metrics) > 1
 
 
 class Divergence(BaseModel):
@@ -232,9 +263,29 @@ class SweepSpec(BaseModel):
                 ranges_gridded = bool(dim.per_method) and all(r.grid for r in dim.per_method.values())
                 if dim.values is None and not dim.grid and not ranges_gridded:
                     problems.append(f"space.{key}: algorithm grid needs values: [...] or grid: N points")
+        problems.extend(self._multi_objective_problems())
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _multi_objective_problems(self) -> list[str]:
+        """Optuna cannot prune a multi-objective study (Trial.report raises); the bridge's own rules can."""
+        if not self.search.multi_objective:
+            return []
+        problems = []
+        if "forgetting" in self.search.metrics and self.train.get("forgetting") is False:
+            problems.append("search.metric: forgetting is an objective, but train.forgetting is false: it is never measured")
+        rule, primary = self.pruning.rule, self.search.metrics[0]
+        if rule in ("successive_halving", "hyperband"):
+            problems.append(f"pruning.rule: {rule} cannot prune a multi-objective search (Optuna's pruners need one "
+                            "objective); use rule: none, or median / percentile on the primary metric")
+        elif rule != "none" and "rule" not in self.pruning.model_fields_set:
+            problems.append(
+                f"pruning.rule: the default rule ({rule}) would prune on the primary metric {primary} alone and can stop "
+                f"the trials that are best on {', '.join(self.search.metrics[1:])}, which the front needs; Optuna "
+                f"cannot prune a multi-objective study. Say rule: none (the divergence rules stay on), or name "
+                f"rule: median or percentile to apply it to {primary}'s curve ({self.pruning.metric}) anyway")
+        return problems
 
     @property
     def methods(self) -> list[str]:

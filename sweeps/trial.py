@@ -23,8 +23,13 @@ from sweeps.watchdog import Watchdog
 from trainer.config import TrainConfig
 
 
+def objective_keys(metrics: list[str]) -> list[str]:
+    """The result keys Ray Tune's searcher reads: ``objective`` for one metric, ``objective_<metric>`` for each of several."""
+    return ["objective"] if len(metrics) == 1 else [f"objective_{m}" for m in metrics]
+
+
 def run_trial(
-    config: dict[str, Any], *, base: dict[str, Any], metric: str, checkpoint_every: int,
+    config: dict[str, Any], *, base: dict[str, Any], metrics: list[str], checkpoint_every: int,
     stall_s: float | None = None, setup_s: float = 0.0,
 ) -> None:
     """Ray Tune function trainable (bound with ``tune.with_parameters``); ``stall_s`` None: no watchdog."""
@@ -38,20 +43,24 @@ def run_trial(
     from trainer.quiet import quiet_libraries
 
     quiet_libraries()
-    state = {"reports": 0, "objective": None, "last": {}}
+    state: dict[str, Any] = {"reports": 0, "seen": {}, "last": {}}
     node = _node_id()
+    keys = objective_keys(metrics)
     watchdog = Watchdog(stall_s, setup_s) if stall_s else None
 
-    def report(metrics: dict[str, Any], checkpoint=None) -> None:
+    def report(values: dict[str, Any], checkpoint=None) -> None:
         state["reports"] += 1
-        if metrics.get(metric) is not None and math.isfinite(metrics[metric]):
-            state["objective"] = metrics[metric]
-        # Every result carries the objective: the last known value, l0 before the first eval.
-        result = {**metrics, "objective": state["objective"] if state["objective"] is not None else metrics["l0"],
-                  "node_id": node}
+        seen = state["seen"]
+        seen.update((m, values[m]) for m in metrics if isinstance(values.get(m), (int, float)) and math.isfinite(values[m]))
+        # Every result carries the objective: the primary metric's last known value, l0 before the first eval.
+        # With several metrics every result has each one's key (Ray checks that it is there): its last value,
+        # None until measured (forgetting is measured once, at the end).
+        primary = seen.get(metrics[0], values["l0"])
+        objectives = {k: seen.get(m) for k, m in zip(keys, metrics)}
+        result = {**values, **objectives, "objective": primary, "node_id": node}
         state["last"] = {k: result[k] for k in ("step", "examples_seen", "objective") if k in result}
         due = checkpoint is not None and checkpoint_every and state["reports"] % checkpoint_every == 0
-        if due and not metrics.get("done"):
+        if due and not values.get("done"):
             with tempfile.TemporaryDirectory() as tmp:
                 checkpoint(tmp)
                 _send(result, watchdog, checkpoint=Checkpoint.from_directory(tmp))

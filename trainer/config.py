@@ -5,6 +5,7 @@ in a production config for ``python -m trainer.train CONFIG.yaml``.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -136,6 +137,14 @@ class TrainConfig(BaseModel):
     @property
     def examples_per_step(self) -> int:
         return self.batch_size * self.grad_accum
+
+    def total_steps(self, n_train: int) -> int:
+        """Optimizer steps of a run on ``n_train`` training examples: ``max_steps``, else the epochs' worth."""
+        return self.max_steps or max(1, math.ceil(self.epochs * n_train / self.examples_per_step))
+
+    def warmup_steps(self, total_steps: int) -> int:
+        """The scheduler's warmup, in steps (what ``warmup_ratio`` means here; HF TrainingArguments takes steps)."""
+        return round(self.warmup_ratio * total_steps)
 
     def to_yaml_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -116,6 +116,12 @@ def split_records(
     return train, train
 
 
+def run_records(cfg) -> tuple[list[Record], list[Record]]:
+    """The records a run (a ``TrainConfig``) trains and evaluates on: the split, then the ``max_examples`` cap."""
+    train, evaluate = split_records(load_records(cfg.train_data), cfg.eval_data, cfg.eval_fraction)
+    return (train[: cfg.max_examples] if cfg.max_examples else train), evaluate
+
+
 def tokenize(records: list[Record], tokenizer, seq_len: int, *, name: str = "data") -> list[Example]:
     """Token ids and target masks for each record, truncated to ``seq_len``."""
     examples, truncated = [], []

@@ -26,7 +26,7 @@ import torch
 from trainer import base_eval
 from trainer.config import TrainConfig
 from trainer.curves import DivergenceRule, Smoother
-from trainer.data import collate, example_stream, load_records, split_records, tokenize
+from trainer.data import collate, example_stream, run_records, tokenize
 from trainer.methods import get_method, trainable_summary
 from trainer.metrics import change_by_block, evaluate, token_nll, weight_change, weighted_loss
 from trainer.models import load_model
@@ -94,7 +94,7 @@ def train(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(cfg, model, device)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train_ex) / cfg.examples_per_step))
+    total_steps = cfg.total_steps(len(train_ex))
     scheduler = _scheduler(cfg, optimizer, total_steps)
     state = _State(smoother=Smoother(cfg.ema_beta),
                    stop_rule=DivergenceRule(cfg.stop_factor, spike=None) if cfg.stop_factor else None)
@@ -268,10 +268,7 @@ def _final_metrics(ctx: _Ctx, base: dict) -> dict[str, Any]:
 
 
 def _datasets(cfg: TrainConfig, tokenizer):
-    train_records = load_records(cfg.train_data)
-    train_records, eval_records = split_records(train_records, cfg.eval_data, cfg.eval_fraction)
-    if cfg.max_examples:
-        train_records = train_records[: cfg.max_examples]
+    train_records, eval_records = run_records(cfg)
     return (
         tokenize(train_records, tokenizer, cfg.seq_len, name=cfg.train_data),
         tokenize(eval_records, tokenizer, cfg.seq_len, name=cfg.eval_data or "eval split"),
@@ -295,7 +292,7 @@ def _scheduler(cfg: TrainConfig, optimizer, total_steps: int):
         ratio = cfg.lr_start / cfg.learning_rate
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: ratio ** max(0.0, 1 - t / max(total_steps - 1, 1)))
 
-    return get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * total_steps),
+    return get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps(total_steps),
                          num_training_steps=total_steps)
 
 

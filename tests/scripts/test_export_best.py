@@ -41,12 +41,22 @@ def test_export_writes_every_file_and_best_yaml_reproduces_the_trial(sweep, tmp_
     assert (tmp_path / "prod" / "model").is_dir()
 
 
-def test_export_of_one_method_and_its_lora_config(sweep, tmp_path):
+def test_export_of_one_method_loads_in_transformers_peft_and_openais_types(sweep, tmp_path):
+    from peft import LoraConfig
+    from transformers import TrainingArguments
+
     sweep_dir, env = sweep
     proc = run_cli(["scripts/export_best.py", str(sweep_dir), "--method", "lora", "--out", str(tmp_path)], env=env)
     assert proc.returncode == 0, proc.stderr
-    assert yaml.safe_load((tmp_path / "best.yaml").read_text())["method"] == "lora"
-    assert json.loads((tmp_path / "lora_config.json").read_text())["r"] == 8
+    best = yaml.safe_load((tmp_path / "best.yaml").read_text())
+    assert best["method"] == "lora"
+    args = TrainingArguments(**json.loads((tmp_path / "hf_training_args.json").read_text()))
+    assert args.learning_rate == best["learning_rate"] and args.num_train_epochs == best["epochs"]
+    assert args.warmup_steps == round(best["warmup_ratio"] * 8)  # 2 epochs x 16 facts / batch 4 = 8 steps
+    lora = LoraConfig(**json.loads((tmp_path / "lora_config.json").read_text()))
+    assert lora.r == 8 and lora.lora_alpha == best["lora_alpha"] and lora.task_type == "CAUSAL_LM"
+    openai = json.loads((tmp_path / "openai.json").read_text())["hyperparameters"]
+    assert openai == {"n_epochs": 2, "batch_size": 4} and isinstance(openai["n_epochs"], int)
 
 
 def test_a_method_without_a_completed_trial_exits_2(sweep, tmp_path):

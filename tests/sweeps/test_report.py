@@ -21,7 +21,7 @@ from sweeps.records import TrialRecord, save_records
 from tests.conftest import run_cli
 
 L0 = 3.0  # the base model's eval loss in every synthetic trial
-FILES = ("map.png", "curves.png", "methods.png", "changes.png", "report.html")
+FILES = ("map.png", "curves.png", "methods.png", "changes.png", "tradeoff.png", "importance.png", "report.html")
 OOM = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
 _ids = itertools.count()
 
@@ -316,7 +316,7 @@ def test_report_html_is_self_contained(sweep, request):
     folder, _, _ = request.getfixturevalue(sweep)
     text = (folder / "report" / "report.html").read_text()
     sources = re.findall(r"""(?:src|href)\s*=\s*['"]([^'"]*)""", text)
-    assert len(sources) == 4 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert len(sources) == len(FILES) - 1 and all(s.startswith("data:image/png;base64,") for s in sources)
     assert "http://" not in text and "https://" not in text and "<link" not in text and "<script" not in text
 
 

@@ -51,6 +51,7 @@ def test_per_method_ranges_and_conditions_in_define_by_run(tmp_path):
             assert t.params["learning_rate"] <= 1e-3 and "lora_r" not in t.params
 
 
+TWO = "metric: [eval_loss, forgetting], mode: [min, min]"
 GOOD = """name: bad-spec-test
 model: tiny
 search: {algorithm: grid}
@@ -66,7 +67,7 @@ BAD_SPECS = [
     ("low > high", GOOD.replace("[0.001]", "{low: 1.0, high: 0.1, grid: 3}"), "low <= high must hold"),
     ("non-positive log bound", GOOD.replace("[0.001]", "{low: 0, high: 0.1, log: true, grid: 3}"), "a log range needs low > 0"),
     ("unknown method", GOOD.replace("[full]", "[full, qlora]"), "unknown method 'qlora'"),
-    ("unknown sampler", GOOD.replace("algorithm: grid", "algorithm: cmaes"), "search.algorithm: Input should be 'tpe', 'random' or 'grid'"),
+    ("unknown sampler", GOOD.replace("algorithm: grid", "algorithm: cmaes"), "search.algorithm: Input should be 'tpe', 'nsga2', 'random' or 'grid'"),
     ("not a trainer field", GOOD + "  learning_rat: [1]\n", "space.learning_rat: not a trainer field"),
     ("grid without points", GOOD.replace("[0.001]", "{low: 0.001, high: 0.1, log: true}"), "algorithm grid needs values"),
     ("bad batch size", GOOD + "  batch_size: [0, 4]\n", "batch_size: Input should be greater than or equal to 1"),
@@ -77,6 +78,14 @@ BAD_SPECS = [
     ("bad override", GOOD, "search.n_trials: Input should be greater than or equal to 1"),
     ("negative stall_s", GOOD + "failure: {stall_s: -60}\n", "failure.stall_s: Input should be greater than 0"),
     ("negative time budget", GOOD, "search.time_budget_s: Input should be greater than 0 (got -5)"),
+    ("multi-objective, rule not named", GOOD.replace("{algorithm: grid}", f"{{algorithm: grid, {TWO}}}"),
+     "the default rule (median) would prune on the primary metric eval_loss alone"),
+    ("multi-objective hyperband", GOOD.replace("{algorithm: grid}", f"{{algorithm: grid, {TWO}}}") + "pruning: {rule: hyperband}\n",
+     "pruning.rule: hyperband cannot prune a multi-objective search"),
+    ("a mode per metric", GOOD.replace("{algorithm: grid}", "{algorithm: grid, metric: [eval_loss, forgetting], mode: [min]}"),
+     "mode: one per metric (2), but got ['min']"),
+    ("forgetting never measured", GOOD.replace("{algorithm: grid}", f"{{algorithm: grid, {TWO}}}")
+     + "train: {forgetting: false}\npruning: {rule: none}\n", "forgetting is an objective, but train.forgetting is false"),
 ]
 ARGS = {"bad override": ["search.n_trials=0"], "negative time budget": ["--time-budget", "-5"]}
 
@@ -111,3 +120,20 @@ def test_time_budget_and_stall_watchdog_do_not_make_another_sweep(tmp_path):
     digest = load_spec(spec).digest()
     assert load_spec(spec, ["search.time_budget_s=60", "failure.stall_s=5", "failure.setup_s=0"]).digest() == digest
     assert load_spec(spec, ["search.seed=1"]).digest() != digest
+
+
+def test_a_multi_objective_spec_names_its_objectives_and_nsga2_sizes_its_population(tmp_path):
+    import optuna
+
+    from sweeps.space import make_sampler
+
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text(GOOD.replace("{algorithm: grid}", f"{{algorithm: nsga2, {TWO}, startup_trials: 6}}")
+                         + "pruning: {rule: median}\n")
+    spec = load_spec(spec_file)
+    assert spec.search.multi_objective and spec.search.metrics == ["eval_loss", "forgetting"]
+    sampler = make_sampler(spec)
+    assert isinstance(sampler, optuna.samplers.NSGAIISampler) and sampler._population_size == 6
+    proc = run_cli(["sweeps/run.py", str(spec_file), "--dry-run"], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "objective: eval_loss (min), forgetting (min) (multi-objective" in proc.stdout

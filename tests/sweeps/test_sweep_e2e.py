@@ -63,22 +63,25 @@ def test_smoke_sweep_leaves_an_optuna_study_and_a_summary(smoke_sweep):
     assert (sweep_dir / "report" / "report.html").is_file()
 
 
-def test_pruning_bridge_stops_nan_and_exploding_trials_and_tells_optuna_pruned(tmp_path, tiny_model_dir):
-    spec = tmp_path / "faults.yaml"
-    spec.write_text(f"""name: faults
+def _tiny_sweep(tmp_path, name: str, train: str, rest: str):
+    """Run a sweep of the tiny model on 16 facts as a user would; (sweep folder, MLflow URI, stdout)."""
+    spec = tmp_path / f"{name}.yaml"
+    spec.write_text(f"""name: {name}
 model: tiny
 data: {{train: "builtin:facts:16", eval: "builtin:facts-heldout:16"}}
-train: {{epochs: 3, batch_size: 4, seq_len: 48, report_every: 4, eval_every: 16, memorization: false, forgetting: false,
-        learning_rate: 0.003, method: full}}
-search: {{algorithm: grid}}
-space:
-  fault: [null, "nan@3", "explode@4"]
-pruning: {{rule: none}}
+train: {{batch_size: 4, seq_len: 48, report_every: 4, eval_every: 16, memorization: false, learning_rate: 0.003, {train}}}
+{rest}
 output_dir: {tmp_path / 'out'}
 """)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = run_cli(["sweeps/run.py", str(spec)], timeout=600, env={"MLFLOW_TRACKING_URI": uri})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return tmp_path / "out" / name, uri, proc.stdout
+
+
+def test_pruning_bridge_stops_nan_and_exploding_trials_and_tells_optuna_pruned(tmp_path, tiny_model_dir):
+    _, uri, _ = _tiny_sweep(tmp_path, "faults", "epochs: 3, forgetting: false, method: full",
+                            'search: {algorithm: grid}\nspace:\n  fault: [null, "nan@3", "explode@4"]\npruning: {rule: none}')
     trials = {t["config"].get("fault"): t for t in json.loads((tmp_path / "out/faults/trials.json").read_text())}
     assert trials["nan@3"]["outcome"] == "diverged" and "non-finite loss" in trials["nan@3"]["stopped_by"]
     assert trials["explode@4"]["outcome"] == "diverged" and trials["explode@4"]["stopped_by"].startswith("diverged")
@@ -93,3 +96,31 @@ output_dir: {tmp_path / 'out'}
     _, _, children = _runs(uri, "faults")
     reasons = {c.data.params.get("fault"): c.data.tags["reason"] for c in children}
     assert "non-finite loss" in reasons["nan@3"] and "step 3" in reasons["nan@3"]
+
+
+def test_a_multi_objective_sweep_stops_a_diverging_trial_records_it_pruned_and_tags_its_front(tmp_path, tiny_model_dir):
+    sweep_dir, uri, stdout = _tiny_sweep(tmp_path, "mo", "epochs: 2, forgetting: true", """\
+search: {algorithm: grid, metric: [eval_loss, forgetting], mode: [min, min]}
+space:
+  method: [full, lora]
+  fault: {values: [null, "explode@4"], when: {method: [full]}}
+pruning: {rule: none}""")
+    trials = {(t["config"]["method"], t["config"].get("fault")): t for t in json.loads((sweep_dir / "trials.json").read_text())}
+    exploded = trials[("full", "explode@4")]
+    assert exploded["outcome"] == "diverged" and exploded["stopped_by"].startswith("diverged")
+    assert exploded["history"][-1]["step"] <= 4 + 1, "stopped within one report of the explosion"
+    study = optuna.load_study(study_name="mo", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    assert len(study.directions) == 2
+    by_cell = {(t.user_attrs["method"], t.user_attrs.get("fault")): t for t in study.trials}
+    assert by_cell[("full", "explode@4")].state == optuna.trial.TrialState.PRUNED
+    for method in ("full", "lora"):
+        clean, record = by_cell[(method, None)], trials[(method, None)]
+        assert clean.state == optuna.trial.TrialState.COMPLETE
+        assert clean.values == pytest.approx([record["final"]["eval_loss"], record["final"]["forgetting"]])
+    front = {t.number for t in study.best_trials}
+    _, _, children = _runs(uri, "mo")
+    tags = {(c.data.params["method"], c.data.params.get("fault", "None")): c.data.tags for c in children}
+    on_front = {cell for cell, t in tags.items() if t.get("pareto") == "true"}
+    assert on_front == {(m, str(f)) for (m, f), t in by_cell.items() if t.number in front}, "MLflow's front is Optuna's"
+    assert "pareto" not in tags[("full", "explode@4")], "a stopped trial is on no front"
+    assert "trade-off front" in stdout and (sweep_dir / "report" / "tradeoff.png").is_file()
