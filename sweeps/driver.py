@@ -214,9 +214,9 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, writer, resume: bool):
     base = TrainConfig.model_validate(spec.base_train())
     total_examples = base.max_steps * base.examples_per_step if base.max_steps else None
     if total_examples is None:
-        from trainer.data import load_records
+        from trainer.data import run_records
 
-        total_examples = math.ceil(base.epochs * len(load_records(spec.data.train)))
+        total_examples = math.ceil(base.epochs * len(run_records(base)[0]))  # after the held-out split
     failure = spec.failure
     trainable = tune.with_parameters(
         run_trial, base=spec.base_train(), metrics=spec.search.metrics, checkpoint_every=failure.checkpoint_every,
