@@ -31,12 +31,13 @@ from trainer.errors import UserError, cli_errors
 
 def trial_config(record, sweep_dir: Path) -> dict:
     """The trial's full TrainConfig fields (the sweep's fixed settings plus the sampled values)."""
+    from sweeps.records import NOT_SETTINGS
     from sweeps.spec import SweepSpec
     from trainer.config import TrainConfig
 
     spec_file = Path(sweep_dir) / "spec.json"
     base = SweepSpec.model_validate(json.loads(spec_file.read_text())["spec"]).base_train() if spec_file.is_file() else {}
-    merged = {**base, **{k: v for k, v in record.config.items() if k != "cell"}}
+    merged = {**base, **{k: v for k, v in record.config.items() if k not in NOT_SETTINGS}}
     return TrainConfig.model_validate(merged).model_dump(mode="json")
 
 

@@ -12,6 +12,7 @@ import math
 from collections import defaultdict
 from statistics import mean
 
+from sweeps import edges
 from sweeps.records import TrialRecord
 from trainer import curves
 
@@ -85,12 +86,94 @@ def diagnose(records: list[TrialRecord]) -> list[str]:
     findings.extend(_too_low(records))
     findings.extend(_overfitting(records))
     findings.extend(_forgetting(records))
-    findings.extend(_batch_tolerance(records))
+    findings.extend(edge_findings(records))
     return findings
 
 
-def _fmt(lr: float) -> str:
-    return f"{lr:.0e}".replace("e-0", "e-").replace("e+0", "e+")
+_fmt = edges.lr_text
+
+
+def groups(records: list[TrialRecord]) -> dict[tuple, list[TrialRecord]]:
+    """The trials that differ only in learning rate: (method, the other searched values) -> trials, slowest first."""
+    out: dict[tuple, list[TrialRecord]] = defaultdict(list)
+    for r in records:
+        if r.outcome in ("failed", "unfinished"):
+            continue
+        searched = r.params or {k: r.config[k] for k in ("batch_size",) if k in r.config}  # records from before params
+        others = tuple(sorted((k, v) for k, v in searched.items() if k not in ("method", "learning_rate")))
+        out[(r.method, others)].append(r)
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    return dict(sorted(out.items(), key=lambda kv: (order.get(kv[0][0], len(order)), kv[0][0], repr(kv[0][1]))))
+
+
+def points(trials: list[TrialRecord]) -> list[edges.Point]:
+    """The group's trials as the edge finder sees them (the same view the refiner had while the sweep ran)."""
+    done = ("diverged", "pruned", "unfinished", "failed")
+    return [edges.Point(r.learning_rate, r.outcome == "diverged", final_loss(r) if r.outcome not in done else None)
+            for r in trials]
+
+
+def _group_name(key: tuple) -> str:
+    method, others = key
+    return ", ".join([method, *(f"{k.replace('_size', '')} {v}" for k, v in others)])
+
+
+def edge_findings(records: list[TrialRecord]) -> list[str]:
+    """Each group's divergence edge and optimum with their intervals; LoRA's best LR against full's; how the edge
+    moved with batch size against the linear and square-root rules."""
+    out, located = [], {}
+    for key, trials in groups(records).items():
+        pts = points(trials)
+        e, o = edges.edge(pts), edges.optimum(pts)
+        located[key] = (e, o)
+        parts = [p.text() for p in (e, o) if p is not None]
+        refined = sum(r.refine is not None for r in trials)
+        tried = f"{len({p.lr for p in pts})} LRs" + (f", {refined} from refinement" if refined else "")
+        out.append(f"{_group_name(key)}: " + "; ".join(parts) + f" [{tried}]")
+    out.extend(_lora_vs_full(located))
+    out.extend(_batch_scaling(located))
+    return out
+
+
+def _range(lo: float | None, hi: float | None) -> str:
+    return f"{edges.ratio_text(lo)} .. {edges.ratio_text(hi)}" if lo and hi else "open-ended"
+
+
+def _lora_vs_full(located: dict) -> list[str]:
+    out = []
+    for (method, others), (_, o) in located.items():
+        full = located.get(("full", others))
+        if method != "lora" or o is None or full is None or full[1] is None:
+            continue
+        f = full[1]
+        (llo, lhi), (flo, fhi) = o.bracket, f.bracket
+        span = _range(llo / fhi if llo and fhi else None, lhi / flo if lhi and flo else None)
+        at = f" at {_group_name(('', others)).lstrip(', ')}" if others else ""
+        out.append(f"LoRA's best LR is {edges.ratio_text(o.best / f.best)} full fine-tuning's{at} ({_fmt(o.best)} against "
+                   f"{_fmt(f.best)}; the optima's brackets allow {span}; the rule of thumb says about 10x)")
+    return out
+
+
+def _batch_scaling(located: dict) -> list[str]:
+    """Where the edge sits at each batch size, against linear (LR x k for batch x k) and square-root scaling."""
+    out = []
+    by_method: dict[str, list[tuple[int, edges.Edge]]] = defaultdict(list)
+    for (method, others), (e, _) in located.items():
+        bs = dict(others).get("batch_size")
+        if bs is not None and e is not None and e.below and e.above and len(others) == 1:
+            by_method[method].append((bs, e))
+    for method, rows in by_method.items():
+        if len(rows) < 2:
+            continue
+        (b1, e1), (b2, e2) = min(rows, key=lambda x: x[0]), max(rows, key=lambda x: x[0])
+        moved = math.sqrt(e2.below * e2.above) / math.sqrt(e1.below * e1.above)
+        lo, hi = e2.below / e1.above, e2.above / e1.below
+        k = b2 / b1
+        verdict = ", ".join(f"{name} {edges.ratio_text(x)} {'fits' if lo <= x <= hi else 'does not'}"
+                            for name, x in (("linear", k), ("square-root", math.sqrt(k)), ("no change", 1.0)))
+        out.append(f"{method}: from batch {b1} to {b2} the divergence edge moved {edges.ratio_text(moved)} ({_range(lo, hi)}); "
+                   f"predicted: {verdict}")
+    return out
 
 
 def _method_findings(records, method) -> list[str]:
@@ -222,26 +305,3 @@ def _forgetting(records) -> list[str]:
     if not parts:
         return []
     return ["forgetting (reference-text NLL change, nats, at each method's best LR): " + "; ".join(parts)]
-
-
-def _batch_tolerance(records) -> list[str]:
-    out = []
-    for method in methods(records):
-        by_bs = defaultdict(list)
-        for r in records:
-            if r.method == method and r.outcome not in ("failed",) and "batch_size" in r.config:
-                by_bs[r.config["batch_size"]].append(r)
-        if len(by_bs) < 2:
-            continue
-        highest = {}
-        for bs, rs in by_bs.items():
-            ok = [r.learning_rate for r in rs if r.outcome != "diverged"]
-            if ok and any(r.outcome == "diverged" for r in rs):
-                highest[bs] = max(ok)
-        if len(highest) >= 2:
-            (b1, l1), (b2, l2) = sorted(highest.items())[0], sorted(highest.items())[-1]
-            if l2 > l1:
-                out.append(f"{method}: batch size {b2} tolerated {l2 / l1:.0f}x higher LR than batch size {b1}")
-            elif l1 > l2:
-                out.append(f"{method}: batch size {b1} tolerated {l1 / l2:.0f}x higher LR than batch size {b2}")
-    return out

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sweeps.pruning import read_stops
-from sweeps.records import TrialRecord
+from sweeps.records import NOT_SETTINGS, TrialRecord
 from sweeps.tracking import error_lines, trial_outcome
 
 HISTORY_KEYS = (
@@ -44,7 +44,8 @@ def _base_config(sweep_dir: Path) -> dict[str, Any]:
 
 
 def _record(trial_dir: Path, stops: dict, mlflow_map: dict, base: dict) -> TrialRecord | None:
-    sampled = {k: v for k, v in _json(trial_dir / "params.json").items() if k != "cell"}
+    params = _json(trial_dir / "params.json")
+    sampled = {k: v for k, v in params.items() if k not in NOT_SETTINGS}
     config = _resolved({**base, **sampled})
     lines = _results(trial_dir / "result.json")
     trial_id = lines[-1].get("trial_id") if lines else _trial_id_from_name(trial_dir.name)
@@ -63,7 +64,7 @@ def _record(trial_dir: Path, stops: dict, mlflow_map: dict, base: dict) -> Trial
     record = TrialRecord(
         trial_id=trial_id, config=config, params=sampled, history=history, final=_finite(final),
         stopped_by=stops.get(trial_id), error=error if outcome == "failed" and error else (reason if outcome == "failed" else None),
-        mlflow_run_id=mlflow_map.get(trial_id),
+        mlflow_run_id=mlflow_map.get(trial_id), refine=params.get("refine"),
     )
     record.objective = _objective(final, outcome)
     return record

@@ -76,9 +76,16 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
     records = collect_records(sweep_dir)
     finished = len([r for r in records if r.final.get("done") or r.error or r.stopped_by])
     finish_sweep(spec, sweep_dir, records, tracker, parent, wall_s=wall)
-    if finished < n_total:
+    if spec.search.refine:  # the searcher ends a refining sweep: it is complete when it said so
+        from sweeps.pruning import search_finished
+
+        stopped_early = budget.expired or not search_finished(spec.name)
+    else:
+        stopped_early = finished < n_total
+    if stopped_early:
         why = f"the time budget ({budget.seconds:g} s) was spent: " if budget.expired else ""
-        print(f"\n{why}the sweep stopped with {finished}/{n_total} trials finished; continue it with:\n"
+        print(f"\n{why}the sweep stopped with {finished}/{len(records) if spec.search.refine else n_total} trials finished; "
+              "continue it with:\n"
               f"  python sweeps/run.py {spec.source} --resume", flush=True)
     return sweep_dir
 
@@ -225,20 +232,26 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, writer, resume: bool):
     resources = _ResourcesFor(spec)
     trainable = tune.with_resources(trainable, resources)
     n_total = n_trials(spec)
+    refiner, n_refine = None, 0
+    if spec.search.refine:
+        from sweeps.refine import Refiner, max_refinement
+
+        refiner, n_refine = Refiner(spec, n_total), max_refinement(spec, n_total)
     storage = optuna.storages.RDBStorage(f"sqlite:///{sweep_dir / 'optuna.db'}")
     space = GridSpace(spec) if spec.search.algorithm == "grid" else DefineByRun(spec)
-    progress = ProgressPrinter(n_total, spec.search.metrics[0], sweep_dir / "stops.jsonl")
+    progress = ProgressPrinter(n_total, spec.search.metrics[0], sweep_dir / "stops.jsonl", refining=bool(refiner))
     if resume:
         # Ray restores the searcher (the Optuna study and its trial map) and the stopper from the sweep folder
         return tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True), n_total
     bridge = PruningSearch(
         spec, space=space, sampler=make_sampler(spec), storage=storage,
         pruner=make_pruner(spec.pruning, base.report_every, total_examples),
-        stops_file=sweep_dir / "stops.jsonl", report_every=base.report_every,
+        stops_file=sweep_dir / "stops.jsonl", report_every=base.report_every, refiner=refiner,
     )
     tuner = tune.Tuner(
         trainable,
-        tune_config=TuneConfig(search_alg=bridge, num_samples=n_total, max_concurrent_trials=spec.search.max_concurrent,
+        # with refinement, at most the refiner's bound: it ends the search itself when nothing is left to refine
+        tune_config=TuneConfig(search_alg=bridge, num_samples=n_total + n_refine, max_concurrent_trials=spec.search.max_concurrent,
                                reuse_actors=True),
         run_config=RunConfig(
             name=spec.name, storage_path=str(sweep_dir.parent), stop=bridge, callbacks=[JsonLoggerCallback(), writer, progress],

@@ -18,11 +18,11 @@ from __future__ import annotations
 from typing import Any
 
 from sweeps.analysis import final_loss
-from sweeps.records import TrialRecord
+from sweeps.records import NOT_SETTINGS, TrialRecord
 from sweeps.tradeoff import finished, is_number
 
 MIN_TRIALS = 10  # a forest on fewer points says more about the seed than about the settings
-IGNORED = ("cell", "fault", "seed")  # a grid index, a test hook, a repeat: not settings whose importance is asked
+IGNORED = (*NOT_SETTINGS, "fault", "seed")  # a grid index, a test hook, a repeat: not settings whose importance is asked
 
 
 def objectives(records: list[TrialRecord]) -> dict[str, list[tuple[TrialRecord, float]]]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from sweeps.records import TrialRecord
+from sweeps.records import NOT_SETTINGS, TrialRecord
 from trainer.errors import UserError
 from trainer.yamlio import safe_load
 
@@ -49,7 +49,7 @@ def records_from_experiment(name: str, uri: str | None = None):
 
 def _record(client, run) -> TrialRecord:
     tags, params = run.data.tags, run.data.params
-    config = {k: _parse(v) for k, v in params.items() if k != "cell"}
+    config = {k: _parse(v) for k, v in params.items() if k not in NOT_SETTINGS}
     by_step: dict[int, dict] = {}
     for key in _HISTORY:
         for m in client.get_metric_history(run.info.run_id, key):
@@ -64,7 +64,7 @@ def _record(client, run) -> TrialRecord:
         trial_id=tags.get("trial_id", run.info.run_id[:8]), config=config, params=dict(config), history=history, final=final,
         stopped_by=reason if outcome in ("pruned", "diverged") else None,
         error=reason if outcome == "failed" else None, mlflow_run_id=run.info.run_id,
-        objective=final.get("objective"),
+        objective=final.get("objective"), refine=int(tags["refine"]) if tags.get("refine", "").isdigit() else None,
     )
 
 

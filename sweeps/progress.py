@@ -11,8 +11,10 @@ from ray.tune import Callback
 
 
 class ProgressPrinter(Callback):
-    def __init__(self, n_total: int, metric: str, stops_file):
+    def __init__(self, n_total: int, metric: str, stops_file, refining: bool = False):
         self.n_total, self.metric, self.stops_file = n_total, metric, stops_file
+        # refinement adds trials as results come in: "7 done of 4 + refinement"
+        self.total = f"{n_total} + refinement" if refining else str(n_total)
         self.done = 0
         self.best: tuple[float, str] | None = None
         self.t0 = time.time()
@@ -38,7 +40,7 @@ class ProgressPrinter(Callback):
         if now - self._last_tick > 30:
             self._last_tick = now
             running = sum(t.status == "RUNNING" for t in trials)
-            print(f"[{self._clock()}] {self.done}/{self.n_total} done, {running} running", flush=True)
+            print(f"[{self._clock()}] {self.done} done of {self.total}, {running} running", flush=True)
 
     def _finish(self, trial, trials, error: bool) -> None:
         from sweeps.pruning import read_stops
@@ -52,7 +54,7 @@ class ProgressPrinter(Callback):
         shown = f"{self.metric} {value:.4f}" if isinstance(value, float) and math.isfinite(value) else ""
         if outcome == "completed" and isinstance(value, float) and (self.best is None or value < self.best[0]):
             self.best = (value, _label(trial))
-        print(f"[{self._clock()}] {outcome:<9} {_label(trial)}  {shown}  {reason}  ({self.done}/{self.n_total})", flush=True)
+        print(f"[{self._clock()}] {outcome:<9} {_label(trial)}  {shown}  {reason}  ({self.done} of {self.total})", flush=True)
 
     def _clock(self) -> str:
         s = int(time.time() - self.t0)
@@ -62,6 +64,8 @@ class ProgressPrinter(Callback):
 def _label(trial) -> str:
     c = trial.config
     parts = [trial.trial_id.split("_")[-1], str(c.get("method", ""))]
+    if c.get("refine"):
+        parts.append(f"(refine {c['refine']})")
     if "learning_rate" in c:
         parts.append(f"lr={c['learning_rate']:.2g}")
     for key in ("batch_size", "epochs", "lora_r"):

@@ -39,6 +39,7 @@ import optuna
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 from ray.tune import Stopper
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from sweeps.spec import Pruning, SweepSpec
@@ -97,7 +98,8 @@ def make_pruner(p: Pruning, report_every: int, total_examples: int) -> optuna.pr
 class PruningSearch(OptunaSearch, Stopper):
     """OptunaSearch + Stopper: see the module docstring."""
 
-    def __init__(self, spec: SweepSpec, *, space, sampler, storage, pruner, stops_file: Path, report_every: int):
+    def __init__(self, spec: SweepSpec, *, space, sampler, storage, pruner, stops_file: Path, report_every: int,
+                 refiner=None):
         keys = objective_keys(spec.search.metrics)
         multi = spec.search.multi_objective
         # Ray's OptunaSearch takes a metric list and a mode list for a multi-objective study
@@ -114,6 +116,10 @@ class PruningSearch(OptunaSearch, Stopper):
         self._stops_file = str(stops_file)
         self._monitors: dict[str, DivergenceMonitor] = {}
         self._stopped: dict[str, str] = {}
+        self._thresholds = spec.thresholds()
+        self._curves: dict[str, list[dict[str, Any]]] = {}  # each trial's reports, to classify it when it ends
+        self._refiner = refiner  # sweeps.refine.Refiner: proposes LRs after the grid (None: the grid only)
+        self.finished = False  # the refiner had nothing more to propose
         _LIVE[self._key] = self
 
     # --- the live object ------------------------------------------------------------
@@ -124,9 +130,28 @@ class PruningSearch(OptunaSearch, Stopper):
         super().restore(checkpoint_path)
         self._stopped.update(read_stops(Path(self._stops_file)))
         _LIVE[self._key] = self
+        if self._refiner is not None:
+            self._fail_orphans()
+
+    def _fail_orphans(self) -> None:
+        """A trial the study holds as running but no Ray trial will finish (asked just before a crash): failed, so
+        the refiner does not wait for it, and its LR may be proposed again."""
+        mine = {t._trial_id for t in self._ot_trials.values()}
+        for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t._trial_id not in mine:
+                self._ot_study.tell(t.number, state=TrialState.FAIL)
 
     def suggest(self, trial_id: str):
         _LIVE[self._key] = self
+        if self._refiner is not None and trial_id not in self._ot_trials:
+            from sweeps.refine import DONE, WAIT
+
+            step = self._refiner.step(self._ot_study)
+            if step == WAIT:
+                return None  # a group still running may need more: Ray asks again
+            if step == DONE:
+                self.finished = True
+                return Searcher.FINISHED
         return super().suggest(trial_id)
 
     # --- Stopper ----------------------------------------------------------------------
@@ -142,6 +167,7 @@ class PruningSearch(OptunaSearch, Stopper):
             # here (a stopped trial is not retried); the Optuna trial keeps the reason, whatever the retry gives.
             self._note_stall(trial_id, result["stalled"])
             return False
+        self._curves.setdefault(trial_id, []).append({k: result[k] for k in _CURVE_KEYS if k in result})
         if trial_id in self._stopped:
             return True
         d = self._pruning.divergence
@@ -202,11 +228,23 @@ class PruningSearch(OptunaSearch, Stopper):
             state, value = TrialState.PRUNED, None
         else:
             state, value = TrialState.COMPLETE, (values if len(values) > 1 else values[0])
+        outcome = self._outcome(trial_id, result, error)
         try:
+            ot_trial.set_user_attr("outcome", outcome)  # what the refiner reads: did this LR diverge?
             self._ot_study.tell(ot_trial, value, state=state)
         except Exception as exc:  # a trial already told (e.g. after a resume) must not stop the sweep
             log.warning("optuna: could not record trial %s as %s: %s", trial_id, state.name, exc)
         self._completed_trials.add(trial_id)
+
+    def _outcome(self, trial_id: str, result: dict | None, error: bool) -> str:
+        """The trial's class by the same rules as the map's (``sweeps.classify``), from the reports seen here."""
+        from sweeps.classify import classify
+        from sweeps.records import TrialRecord
+
+        result = result or {}
+        record = TrialRecord(trial_id, config=dict(result.get("config") or {}), history=self._curves.pop(trial_id, []),
+                             final=result, stopped_by=self._stopped.get(trial_id), error="failed" if error else None)
+        return classify(record, best_gain=None, thresholds=self._thresholds)[0]
 
     def stop_reason(self, trial_id: str) -> str | None:
         return self._live()._stopped.get(trial_id)
@@ -215,6 +253,9 @@ class PruningSearch(OptunaSearch, Stopper):
         state = self.__dict__.copy()
         state["_monitors"] = {}
         return state
+
+
+_CURVE_KEYS = ("examples_seen", "train_loss", "train_loss_ema", "eval_loss", "l0")
 
 
 class _StudyView:
@@ -234,6 +275,12 @@ class _StudyView:
 
 def _method_of(trial) -> str | None:
     return trial.params.get("method", trial.user_attrs.get("method"))
+
+
+def search_finished(name: str) -> bool:
+    """Whether the live searcher of sweep ``name`` ended the search (its refiner had nothing left to propose)."""
+    live = _LIVE.get(name)
+    return bool(live and live.finished)
 
 
 def _append_stop(path: Path, trial_id: str, reason: str) -> None:

@@ -25,6 +25,9 @@ class Outcome(str, Enum):
 
 
 OUTCOMES = tuple(o.value for o in Outcome)
+# Keys of a trial's Ray config that are the search's bookkeeping, not trainer settings: the grid's cell
+# index, and the refinement round of a trial that sweeps.refine proposed.
+NOT_SETTINGS = ("cell", "refine")
 # How each outcome is named in the map's legend, the HTML report and the README table.
 LABELS = {
     "converged": "converged",
@@ -64,6 +67,8 @@ class TrialRecord:
     """Why that outcome, in words with the numbers (e.g. 'smoothed loss 4.6x its minimum at 320 examples')."""
     objective: float | None = None
     """The finite objective told to Optuna (or that would have been): min(eval loss, l0) for diverged trials."""
+    refine: int | None = None
+    """The refinement round that proposed this trial (sweeps.refine); None for a trial of the grid."""
 
     @property
     def method(self) -> str:

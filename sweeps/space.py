@@ -62,12 +62,23 @@ def grid_cells(spec: SweepSpec) -> list[dict[str, Any]]:
 
 
 class GridSpace:
-    """Define-by-run for GridSampler: one categorical ``cell`` index; returns the cell's values."""
+    """Define-by-run for GridSampler: one categorical ``cell`` index; returns the cell's values.
+
+    A refinement trial (``sweeps.refine``: enqueued with ``refine`` among its user attributes) gets its
+    group's values and the enqueued learning rate instead."""
 
     def __init__(self, spec: SweepSpec):
         self.cells = grid_cells(spec)
+        self.keys = [k for k in spec.space if k != "learning_rate"]
+        lrs = [c["learning_rate"] for c in self.cells if "learning_rate" in c]
+        self.lr_bounds = (min(lrs), max(lrs)) if lrs else None
 
     def __call__(self, trial) -> dict[str, Any]:
+        attrs = trial.user_attrs
+        if "refine" in attrs:
+            values = {k: attrs[k] for k in self.keys if k in attrs}
+            values["learning_rate"] = trial.suggest_float("learning_rate", *self.lr_bounds, log=True)  # the enqueued LR
+            return {**values, "refine": attrs["refine"]}
         index = trial.suggest_categorical("cell", list(range(len(self.cells))))
         cell = self.cells[index]
         for key, value in cell.items():
@@ -110,6 +121,15 @@ def describe(spec: SweepSpec) -> str:
         lines.append("  ".join(f"{k:>14}" for k in ["#", *keys]))
         for i, cell in enumerate(cells[: n_trials(spec)]):
             lines.append("  ".join(f"{_fmt(v):>14}" for v in [i, *(cell.get(k, "-") for k in keys)]))
+        refine = spec.search.refine
+        if refine:
+            from sweeps.refine import max_refinement
+
+            group = ", ".join(k for k in spec.space if k != "learning_rate") or "the sweep"
+            lines.append(
+                f"refinement: then up to {refine.rounds} round(s) per {group}: bisect where the training loss starts to "
+                f"diverge and narrow the best learning rate, until each is located within {refine.within:g}x; "
+                f"at most {max_refinement(spec, n_trials(spec))} more trial(s), fewer when the edges are found sooner")
     else:
         for name in _order(spec):
             dim = spec.space[name]

@@ -106,6 +106,18 @@ class Dimension(BaseModel):
 Mode = Literal["min", "max"]
 
 
+class Refine(BaseModel):
+    """After the grid, bisect each group's divergence edge and narrow its best LR (``sweeps.edges``).
+
+    A group is the grid's trials that differ only in learning rate (a method at one batch size). Once a
+    group's trials have all finished, the searcher proposes that group's next LRs, for ``rounds`` rounds."""
+
+    model_config = _STRICT
+    rounds: int = Field(2, ge=1)
+    within: float = Field(2.0, gt=1)  # stop once the edge's interval and the optimum's bracket are this narrow
+    max_trials: int | None = Field(None, ge=1)  # at most this many refinement trials in all (None: as needed)
+
+
 class Search(BaseModel):
     model_config = _STRICT
     # tpe: Optuna's TPESampler (one objective or several); nsga2: NSGAIISampler (a genetic search for the
@@ -126,6 +138,8 @@ class Search(BaseModel):
     # they are up the running trials stop where they are (recorded unfinished), the report is written from what
     # finished, and --resume continues (with a fresh budget). The same as --time-budget SECONDS
     time_budget_s: float | None = Field(None, gt=0)
+    # grid only: refine the learning rate's edges after the grid (off unless asked for)
+    refine: Refine | None = None
 
     @model_validator(mode="after")
     def _metrics_and_modes(self) -> "Search":
@@ -263,6 +277,11 @@ class SweepSpec(BaseModel):
                 ranges_gridded = bool(dim.per_method) and all(r.grid for r in dim.per_method.values())
                 if dim.values is None and not dim.grid and not ranges_gridded:
                     problems.append(f"space.{key}: algorithm grid needs values: [...] or grid: N points")
+        if self.search.refine and self.search.algorithm != "grid":
+            problems.append(f"search.refine: refines a grid's learning rates; algorithm {self.search.algorithm} "
+                            "samples its own (use algorithm: grid, or drop refine)")
+        elif self.search.refine and "learning_rate" not in self.space:
+            problems.append("search.refine: the space has no learning_rate to refine")
         problems.extend(self._multi_objective_problems())
         if problems:
             raise ValueError("; ".join(problems))
@@ -320,6 +339,8 @@ class SweepSpec(BaseModel):
         these fields existed keep their digest.
         """
         dump = self.model_dump(mode="json", exclude=_RUN_CONTROL)
+        if dump["search"].get("refine") is None:  # a sweep from before refinement existed keeps its digest
+            dump["search"].pop("refine", None)
         return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from sweeps.records import NOT_SETTINGS
 from sweeps.watchdog import TrialStalled
 
 log = logging.getLogger(__name__)
@@ -278,8 +279,9 @@ class MlflowWriter(Callback):
             name += f" bs={cfg['batch_size']}"
         self.tracker.submit({
             "op": "create", "trial": trial.trial_id, "sweep": self.sweep, "name": name,
-            "tags": {"sweep": self.sweep, "trial_id": trial.trial_id, "method": str(cfg.get("method", ""))},
-            "params": flat_params({k: v for k, v in cfg.items() if k != "cell"}),  # cell: the grid's index, not a setting
+            "tags": {"sweep": self.sweep, "trial_id": trial.trial_id, "method": str(cfg.get("method", "")),
+                     **({"refine": str(cfg["refine"])} if cfg.get("refine") else {})},  # proposed by refinement round N
+            "params": flat_params({k: v for k, v in cfg.items() if k not in NOT_SETTINGS}),
         })
 
     def _flush(self, trial_id: str, step: int) -> None:

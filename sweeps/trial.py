@@ -19,6 +19,7 @@ from typing import Any
 from ray import tune
 from ray.tune import Checkpoint
 
+from sweeps.records import NOT_SETTINGS
 from sweeps.watchdog import Watchdog
 from trainer.config import TrainConfig
 
@@ -33,7 +34,7 @@ def run_trial(
     stall_s: float | None = None, setup_s: float = 0.0,
 ) -> None:
     """Ray Tune function trainable (bound with ``tune.with_parameters``); ``stall_s`` None: no watchdog."""
-    sampled = {k: v for k, v in config.items() if k != "cell"}  # "cell": the grid index, not a trainer field
+    sampled = {k: v for k, v in config.items() if k not in NOT_SETTINGS}  # the search's bookkeeping, not trainer fields
     cfg = TrainConfig.model_validate({**base, **sampled})
     threads = _trial_cpus()
     if cfg.threads is None and threads:

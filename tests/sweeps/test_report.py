@@ -120,7 +120,7 @@ def test_best_lr_ignores_diverged_and_pruned_trials_even_with_lower_loss():
 
 
 def _finding(records, method: str) -> str:
-    return next(f for f in diagnose(records) if f.startswith(f"{method}: ") and "tolerated" not in f
+    return next(f for f in diagnose(records) if f.startswith(f"{method}: ") and "from batch" not in f
                 and "too low" not in f)
 
 
@@ -213,11 +213,18 @@ def test_no_overfit_finding_without_an_overfit_trial():
     assert not any("overfit" in f for f in diagnose([record]))
 
 
-def test_larger_batch_size_tolerating_a_higher_lr_is_reported_with_the_factor():
+def test_the_edge_at_each_batch_size_and_how_it_moved_against_the_scaling_rules():
     records = [_trial("full", 1e-4, "converged", 1.0, bs=4), _trial("full", 1e-3, "diverged", 3.0, bs=4),
                _trial("full", 1e-4, "converged", 1.1, bs=16), _trial("full", 1e-3, "converged", 1.0, bs=16),
                _trial("full", 1e-2, "diverged", 3.0, bs=16)]
-    assert "full: batch size 16 tolerated 10x higher LR than batch size 4" in diagnose(records)
+    findings = diagnose(records)
+    assert "full, batch 4: diverges between 1e-4 and 1e-3 (10x); best lr 1e-4 (the lowest LR tried: the optimum may " \
+           "lie beyond it) [2 LRs]" in findings
+    assert any(f.startswith("full, batch 16: diverges between 1e-3 and 1e-2 (10x); best lr 1e-3 (optimum in 3.2e-4 .. "
+                            "3.2e-3, within 3.2x)") for f in findings)
+    # edge 3.2e-4 at batch 4, 3.2e-3 at batch 16: 10x, anywhere from 1x to 100x given the intervals
+    assert ("full: from batch 4 to 16 the divergence edge moved 10x (1x .. 100x); predicted: linear 4x fits, "
+            "square-root 2x fits, no change 1x fits") in findings
 
 
 def test_forgetting_is_reported_at_each_methods_best_lr():

@@ -1,0 +1,110 @@
+"""Refinement inside the sweep: after the grid, the next learning rates of each group, from the Optuna study.
+
+The study (SQLite, in the sweep folder) is the only state: grid trials carry their cell's values as user
+attributes, refinement trials are enqueued with theirs plus ``refine`` (the round) and ``why`` (edge,
+optimum), and every finished trial gets ``outcome`` (``sweeps.classify``) before it is told. So a resumed
+sweep proposes from what really ran, an enqueued trial is handed out once (``study.ask`` pops it), and an
+LR already in a group (finished, running or waiting) is never proposed again.
+
+``Refiner.step(study)`` says what the searcher does next:
+
+- ``GRID``: grid cells are left; let the grid sampler hand out the next one;
+- ``ASK``: refinement trials are enqueued (now or before a resume); ``study.ask`` pops the first;
+- ``WAIT``: a group whose trials still run may yet need more (Ray asks again later);
+- ``DONE``: every group has its rounds, or is as precise as asked, or the cap is reached.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from optuna.trial import TrialState
+
+from sweeps import edges
+from sweeps.spec import SweepSpec
+
+GRID, ASK, WAIT, DONE = "grid", "ask", "wait", "done"
+PARAM = "learning_rate"
+
+
+def max_refinement(spec: SweepSpec, n_grid: int) -> int:
+    """An upper bound on refinement trials: each group, each round, an edge point and the optimum's two sides."""
+    refine = spec.search.refine
+    if refine is None:
+        return 0
+    from sweeps.space import grid_cells
+
+    keys = [k for k in spec.space if k != PARAM]
+    groups = {group_key(c, keys) for c in grid_cells(spec)[:n_grid]}
+    bound = len(groups) * refine.rounds * 3
+    return min(bound, refine.max_trials) if refine.max_trials else bound
+
+
+def group_key(values: dict[str, Any], keys: list[str]) -> tuple:
+    """The group a trial belongs to: its values of the space's dimensions other than the learning rate."""
+    return tuple((k, values[k]) for k in keys if k in values)
+
+
+class Refiner:
+    def __init__(self, spec: SweepSpec, n_grid: int):
+        refine = spec.search.refine
+        assert refine is not None
+        self.rounds, self.within, self.cap = refine.rounds, refine.within, refine.max_trials
+        self.n_grid = n_grid
+        self.maximize = spec.search.modes[0] == "max"
+        self.keys = [k for k in spec.space if k != PARAM]
+
+    def step(self, study) -> str:
+        trials = study.get_trials(deepcopy=False)
+        if sum("refine" not in t.user_attrs for t in trials) < self.n_grid:
+            return GRID
+        if any(t.state == TrialState.WAITING for t in trials):
+            return ASK
+        refined = [t for t in trials if "refine" in t.user_attrs]
+        room = None if self.cap is None else self.cap - len(refined)
+        pending = False
+        queued = 0
+        for key, members in sorted(_groups(trials, self.keys).items(), key=lambda kv: _longest_first(kv[0])):
+            if any(t.state == TrialState.RUNNING for t in members):
+                pending = True
+                continue
+            done_rounds = max((t.user_attrs.get("refine", 0) for t in members), default=0)
+            if done_rounds >= self.rounds or (room is not None and room - queued <= 0):
+                continue
+            for lr, why in edges.proposals(self.points(members), self.within):
+                if room is not None and room - queued <= 0:
+                    break
+                study.enqueue_trial({PARAM: lr}, user_attrs={**dict(key), PARAM: lr, "refine": done_rounds + 1, "why": why})
+                queued += 1
+        if queued:
+            return ASK
+        return WAIT if pending else DONE
+
+    def points(self, members) -> list[edges.Point]:
+        out = []
+        for t in members:
+            if t.state not in (TrialState.COMPLETE, TrialState.PRUNED) or PARAM not in t.user_attrs:
+                continue
+            diverged = t.user_attrs.get("outcome") == "diverged"
+            loss = None
+            if t.state == TrialState.COMPLETE and not diverged and t.values and math.isfinite(t.values[0]):
+                loss = -t.values[0] if self.maximize else t.values[0]
+            out.append(edges.Point(float(t.user_attrs[PARAM]), diverged, loss))
+        return out
+
+
+def _groups(trials, keys: list[str]) -> dict[tuple, list]:
+    out: dict[tuple, list] = {}
+    for t in trials:
+        if t.state == TrialState.FAIL or PARAM not in t.user_attrs:
+            continue
+        out.setdefault(group_key(t.user_attrs, keys), []).append(t)
+    return out
+
+
+_COST = {"full": 0, "lora": 1, "last_layer": 2}  # slowest first: the last slot is not left with one long trial
+
+
+def _longest_first(key: tuple) -> tuple:
+    values = dict(key)
+    return (_COST.get(values.get("method"), 1), values.get("batch_size") or 0, repr(key))
