@@ -15,7 +15,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
+from sweeps import edges  # noqa: E402
 from sweeps.analysis import best_trial, final_loss, lr_sensitivity, methods, stable_window  # noqa: E402
+from sweeps.analysis import points as lr_points  # noqa: E402
 from sweeps.records import LABELS, OUTCOMES  # noqa: E402
 from sweeps.tradeoff import front, fronts_by_method, lr_text, points  # noqa: E402
 
@@ -54,8 +56,15 @@ def _y_axis(records) -> str:
     return "batch_size"
 
 
+_EDGE, _OPTIMUM = "#d62828", "#2a9d3f"
+
+
 def map_figure(records, out: Path) -> Path:
-    """Per method: learning rate (log) x batch size, coloured by outcome, annotated with the final eval loss."""
+    """Per method: learning rate (log) x batch size, coloured by outcome, annotated with the final eval loss.
+
+    Grid trials are squares with their loss; refinement trials (``sweeps.refine``) smaller circles. Each row
+    carries its divergence edge (red bar: the interval between the highest LR that did not diverge and the
+    lowest that did) and its optimum's bracket (green bar), from ``sweeps.edges``."""
     ms = methods(records)
     fig, axes = _panels(len(ms), 3.4)
     ykey = _y_axis(records)
@@ -64,11 +73,21 @@ def map_figure(records, out: Path) -> Path:
         mine = [r for r in records if r.method == method]
         for r in mine:
             y = ys.index(r.config.get(ykey)) if r.config.get(ykey) in ys else 0
-            ax.scatter(r.learning_rate, y, s=420, marker="s", color=OUTCOME_COLORS.get(r.outcome, "#ccc"),
-                       edgecolor="white", zorder=3)
+            refined = r.refine is not None
+            ax.scatter(r.learning_rate, y, s=110 if refined else 420, marker="o" if refined else "s",
+                       color=OUTCOME_COLORS.get(r.outcome, "#ccc"), edgecolor="white", zorder=3)
             loss = final_loss(r)
             label = f"{loss:.2f}" if loss is not None else ("fail" if r.outcome == "failed" else "-")
-            ax.annotate(label, (r.learning_rate, y), ha="center", va="center", fontsize=7, color="white", zorder=4)
+            if not refined:
+                ax.annotate(label, (r.learning_rate, y), ha="center", va="center", fontsize=7, color="white", zorder=4)
+        for i, y in enumerate(ys):
+            row = [r for r in mine if r.config.get(ykey) == y and r.outcome not in ("failed", "unfinished")]
+            e, o = edges.edge(lr_points(row)), edges.optimum(lr_points(row))
+            if e and e.below and e.above:
+                ax.hlines(i + 0.36, e.below, e.above, color=_EDGE, lw=3.5, zorder=2)
+            lo, hi = o.bracket if o else (None, None)
+            if lo and hi:
+                ax.hlines(i - 0.36, lo, hi, color=_OPTIMUM, lw=3.5, zorder=2)
         ax.set_xscale("log")
         lrs = [r.learning_rate for r in mine if r.learning_rate > 0]
         if lrs:
@@ -76,18 +95,23 @@ def map_figure(records, out: Path) -> Path:
         ax.set_yticks(range(len(ys)), [str(y) for y in ys])
         ax.set_ylim(-0.7, len(ys) - 0.3)
         window = stable_window(records, method)
-        title = method + (f"\nstable {window[0]:.0e} .. {window[1]:.0e}" if window else "\nno stable LR")
+        title = method + (f"\nstable {edges.lr_text(window[0])} .. {edges.lr_text(window[1])}" if window else "\nno stable LR")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("learning rate")
         ax.set_ylabel(ykey.replace("_", " "))
         ax.grid(alpha=0.25)
     handles = [plt.Line2D([], [], marker="s", ls="", color=c, markersize=9, label=LABELS[o]) for o, c in OUTCOME_COLORS.items()]
-    fig.legend(handles=handles, loc="lower center", ncol=4 if len(ms) < 2 else len(handles), frameon=False, fontsize=8)
-    fig.subplots_adjust(bottom=0.25)
+    if any(r.refine is not None for r in records):
+        handles.append(plt.Line2D([], [], marker="o", ls="", color="#777", markersize=6, label="refinement trial"))
+    handles += [plt.Line2D([], [], color=_EDGE, lw=3.5, label="divergence edge"),
+                plt.Line2D([], [], color=_OPTIMUM, lw=3.5, label="optimum bracket")]
+    ncol = 3 if len(ms) < 2 else math.ceil(len(handles) / 2)
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, frameon=False, fontsize=8)
     if not ms:
         _empty(axes[0])
     fig.suptitle("Where is fine-tuning stable? (cell text: final eval loss)", fontsize=11)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+    rows = math.ceil(len(handles) / ncol)  # the legend's rows, below the panels
+    fig.tight_layout(rect=(0, 0.03 + 0.055 * rows, 1, 0.95))
     fig.savefig(out, dpi=_DPI)
     plt.close(fig)
     return Path(out)
