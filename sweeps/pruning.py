@@ -143,16 +143,32 @@ class PruningSearch(OptunaSearch, Stopper):
 
     def suggest(self, trial_id: str):
         _LIVE[self._key] = self
-        if self._refiner is not None and trial_id not in self._ot_trials:
-            from sweeps.refine import DONE, WAIT
+        if trial_id not in self._ot_trials:
+            step = None
+            if self._refiner is not None:
+                from sweeps.refine import DONE, GRID, WAIT
 
-            step = self._refiner.step(self._ot_study)
-            if step == WAIT:
-                return None  # a group still running may need more: Ray asks again
-            if step == DONE:
-                self.finished = True
-                return Searcher.FINISHED
+                step = self._refiner.step(self._ot_study)
+                if step == WAIT:
+                    return None  # a group still running may need more: Ray asks again
+                if step == DONE:
+                    self.finished = True
+                    return Searcher.FINISHED
+            if step in (None, GRID) and getattr(self._space, "order", None):
+                self._enqueue_next_cell(self._space.order)
         return super().suggest(trial_id)
+
+    def _enqueue_next_cell(self, order: list[int]) -> None:
+        """Hand the grid out in ``order`` (longest trials first) rather than GridSampler's random pick: the next
+        cell no trial has taken is enqueued, and ``study.ask`` pops it."""
+        trials = self._ot_study.get_trials(deepcopy=False)
+        if any(t.state == TrialState.WAITING for t in trials):
+            return
+        taken = {t.params.get("cell", t.system_attrs.get("fixed_params", {}).get("cell")) for t in trials}
+        taken |= {t.system_attrs.get("grid_id") for t in trials}
+        nxt = next((i for i in order if i not in taken), None)
+        if nxt is not None:
+            self._ot_study.enqueue_trial({"cell": nxt})
 
     # --- Stopper ----------------------------------------------------------------------
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:

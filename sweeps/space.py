@@ -69,6 +69,7 @@ class GridSpace:
 
     def __init__(self, spec: SweepSpec):
         self.cells = grid_cells(spec)
+        self.order = longest_first(self.cells)[: n_trials(spec)]  # the cells in the order they are handed out
         self.keys = [k for k in spec.space if k != "learning_rate"]
         lrs = [c["learning_rate"] for c in self.cells if "learning_rate" in c]
         self.lr_bounds = (min(lrs), max(lrs)) if lrs else None
@@ -84,6 +85,20 @@ class GridSpace:
         for key, value in cell.items():
             trial.set_user_attr(key, value)
         return dict(cell)
+
+
+_METHOD_COST = {"full": 3.0, "lora": 2.0, "last_layer": 1.2}  # forward+backward per example, relative to a forward
+
+
+def longest_first(cells: list[dict[str, Any]]) -> list[int]:
+    """Cell indexes, the longest trials first, so that the last slot is not left running one long trial alone
+    (a makespan rule): the costlier method, more epochs, the smaller batch (more optimizer steps for the same
+    examples), the lower LR (a high one is often stopped early, diverged)."""
+    def cost(i: int) -> tuple:
+        c = cells[i]
+        return (-_METHOD_COST.get(c.get("method"), 2.0), -(c.get("epochs") or 0), c.get("batch_size") or 0,
+                c.get("learning_rate") or 0.0, i)
+    return sorted(range(len(cells)), key=cost)
 
 
 def corner_configs(spec: SweepSpec) -> list[tuple[str, dict[str, Any]]]:
@@ -118,9 +133,10 @@ def describe(spec: SweepSpec) -> str:
     if spec.search.algorithm == "grid":
         cells = grid_cells(spec)
         keys = sorted({k for c in cells for k in c}, key=lambda k: (k != "method", k))
+        lines.append("in the order they start (the longest first):")
         lines.append("  ".join(f"{k:>14}" for k in ["#", *keys]))
-        for i, cell in enumerate(cells[: n_trials(spec)]):
-            lines.append("  ".join(f"{_fmt(v):>14}" for v in [i, *(cell.get(k, "-") for k in keys)]))
+        for i in longest_first(cells)[: n_trials(spec)]:
+            lines.append("  ".join(f"{_fmt(v):>14}" for v in [i, *(cells[i].get(k, "-") for k in keys)]))
         refine = spec.search.refine
         if refine:
             from sweeps.refine import max_refinement

@@ -68,6 +68,12 @@ def flat_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+# The trial -> run map and the replay queue of each sweep folder, shared by every Tracker of this process: on
+# --resume Ray restores the MlflowWriter (and its Tracker) from the run's pickle, beside the driver's own Tracker;
+# two maps would each miss the runs the other created, and two queues overwrite each other's file.
+_SHARED: dict[str, dict[str, Any]] = {}
+
+
 class Tracker:
     """The MLflow client with retries, a persistent trial -> run map and a replay queue."""
 
@@ -83,8 +89,11 @@ class Tracker:
     @property
     def state(self) -> dict:
         if self._state is None:
-            path = self.sweep_dir / "mlflow.json"
-            self._state = json.loads(path.read_text()) if path.is_file() else {"runs": {}, "steps": {}}
+            shared = _SHARED.setdefault(str(self.sweep_dir.resolve()), {})
+            if "state" not in shared:
+                path = self.sweep_dir / "mlflow.json"
+                shared["state"] = json.loads(path.read_text()) if path.is_file() else {"runs": {}, "steps": {}}
+            self._state = shared["state"]
         return self._state
 
     def _save_state(self) -> None:
@@ -95,8 +104,11 @@ class Tracker:
     @property
     def pending(self) -> list[dict]:
         if self._pending is None:
-            path = self.sweep_dir / "mlflow_pending.jsonl"
-            self._pending = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+            shared = _SHARED.setdefault(str(self.sweep_dir.resolve()), {})
+            if "pending" not in shared:
+                path = self.sweep_dir / "mlflow_pending.jsonl"
+                shared["pending"] = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+            self._pending = shared["pending"]
         return self._pending
 
     def _save_pending(self) -> None:
