@@ -42,6 +42,7 @@ from ray.tune import Stopper
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from sweeps.records import read_stops  # its home; still importable from here
 from sweeps.spec import Pruning, SweepSpec
 from sweeps.trial import objective_keys
 from trainer.curves import DivergenceRule
@@ -286,15 +287,3 @@ def search_finished(name: str) -> bool:
 def _append_stop(path: Path, trial_id: str, reason: str) -> None:
     with path.open("a") as handle:
         handle.write(json.dumps({"trial_id": trial_id, "reason": reason}) + "\n")
-
-
-def read_stops(path: Path) -> dict[str, str]:
-    """trial_id -> the reason it was stopped (the last one recorded)."""
-    if not path.is_file():
-        return {}
-    out = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            out[row["trial_id"]] = row["reason"]
-    return out

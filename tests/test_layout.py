@@ -36,3 +36,20 @@ def test_reading_a_spec_imports_no_torch_ray_or_mlflow():
     code = "import sys, sweeps.spec, sweeps.classify, trainer.curves; print(sorted({'torch', 'ray', 'mlflow', 'optuna'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_reading_a_sweep_folder_imports_no_ray_optuna_or_torch():
+    """The report and export read finished sweeps: sweeps.collect and sweeps.records need only the files."""
+    code = ("import sys, sweeps.collect, sweeps.records; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'ray', 'optuna', 'mlflow'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_one_list_of_metric_names():
+    from sweeps import collect, mlflow_records, records, tracking
+
+    assert set(records.LOGGED_METRICS) | set(records.HISTORY_KEYS) | set(records.CURVES) <= set(records.METRICS)
+    assert len(set(records.METRICS)) == len(records.METRICS)
+    assert tracking.LOGGED_METRICS is records.LOGGED_METRICS and collect.HISTORY_KEYS is records.HISTORY_KEYS
+    assert mlflow_records.CURVES is records.CURVES
