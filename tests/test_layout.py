@@ -53,3 +53,42 @@ def test_one_list_of_metric_names():
     assert len(set(records.METRICS)) == len(records.METRICS)
     assert tracking.LOGGED_METRICS is records.LOGGED_METRICS and collect.HISTORY_KEYS is records.HISTORY_KEYS
     assert mlflow_records.CURVES is records.CURVES
+
+
+COMMANDS = ("finetune-sweep", "finetune-train", "finetune-export", "finetune-report")
+
+
+def test_the_entry_points_answer_help(tmp_path):
+    """[project.scripts] declares the commands, and each answers --help (exit 0).
+
+    A venv installed by ``bash scripts/install.sh`` has them in its bin and they are run from there; a venv
+    installed before the entry points (or from another checkout) runs each the way pip's launcher does.
+    """
+    import tomllib
+    from pathlib import Path
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(COMMANDS) <= set(declared)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(tmp_path)}  # this checkout's packages
+    for name in COMMANDS:
+        installed = Path(sys.executable).parent / name
+        module, func = declared[name].split(":")
+        launcher = [sys.executable, "-c", f"import sys; from {module} import {func}; sys.argv[0] = {name!r}; sys.exit({func}())"]
+        command = [str(installed)] if installed.exists() else launcher
+        proc = subprocess.run([*command, "--help"], text=True, capture_output=True, cwd=tmp_path, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith(f"usage: {name} "), proc.stdout[:200]
+
+
+def test_the_documented_file_commands_still_run():
+    """``python sweeps/run.py`` and ``python scripts/export_best.py`` from the repo root, as the README shows them."""
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    for script in ("sweeps/run.py", "sweeps/report.py", "scripts/export_best.py"):
+        proc = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=ROOT, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith(f"usage: python {script} "), proc.stdout[:200]
+
+
+def test_no_package_sets_sys_path():
+    for path in [*(ROOT / "sweeps").glob("*.py"), *(ROOT / "trainer").glob("*.py")]:
+        assert "sys.path" not in path.read_text(), path

@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from trainer.errors import cli_errors
+from trainer.errors import cli_errors, prog_name
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=prog_name("python -m trainer.train"), description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="YAML file of TrainConfig fields")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, checked against the schema")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
