@@ -48,7 +48,7 @@ from sweeps.trial import objective_keys
 from trainer.curves import DivergenceRule
 
 log = logging.getLogger(__name__)
-_LIVE: dict[str, "PruningSearch"] = {}
+_LIVE: dict[str, PruningSearch] = {}
 
 
 class DivergenceMonitor:
@@ -124,7 +124,7 @@ class PruningSearch(OptunaSearch, Stopper):
         _LIVE[self._key] = self
 
     # --- the live object ------------------------------------------------------------
-    def _live(self) -> "PruningSearch":
+    def _live(self) -> PruningSearch:
         return _LIVE.get(self._key, self)
 
     def restore(self, checkpoint_path: str) -> None:

@@ -119,7 +119,7 @@ class TrialRecord:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "TrialRecord":
+    def from_json(cls, data: dict[str, Any]) -> TrialRecord:
         return cls(**data)
 
 

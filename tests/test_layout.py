@@ -33,7 +33,8 @@ def test_ci_runs_the_readme_test_command():
 
 def test_reading_a_spec_imports_no_torch_ray_or_mlflow():
     """--dry-run and every bad-spec message come back in under a second: the spec is plain Python."""
-    code = "import sys, sweeps.spec, sweeps.classify, trainer.curves; print(sorted({'torch', 'ray', 'mlflow', 'optuna'} & set(sys.modules)))"
+    code = ("import sys, sweeps.spec, sweeps.classify, trainer.curves; "
+            "print(sorted({'torch', 'ray', 'mlflow', 'optuna'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert out.strip() == "[]"
 

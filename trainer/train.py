@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     if "forgetting" in m:
         print(f"forgetting (reference NLL change): {m['forgetting']:+.4f} nats")
     if "weights_changed_fraction" in m:
-        print(f"weights changed: {m['weights_changed_fraction']:.1%} of parameters, mean relative change {m['weight_change_mean']:.2e}")
+        print(f"weights changed: {m['weights_changed_fraction']:.1%} of parameters, "
+              f"mean relative change {m['weight_change_mean']:.2e}")
     print(f"trainable: {m['trainable_params']:,} parameters ({m['trainable_fraction']:.2%})")
     print(f"outputs: {result.output_dir}")
     return 0 if result.status == "completed" else 1
@@ -50,9 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_data_early(cfg) -> None:
     """Read the data files before loading a model, so bad data fails in a second, not after a load."""
-    from trainer.data import load_records
-
-    from trainer.data import split_records
+    from trainer.data import load_records, split_records
 
     _, held_out = split_records(load_records(cfg.train_data), cfg.eval_data, cfg.eval_fraction)
     print(f"{cfg.eval_plan()} ({len(held_out)} records)", flush=True)
