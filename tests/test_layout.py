@@ -26,8 +26,8 @@ def test_trainer_never_imports_ray_or_mlflow():
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    match = re.search(r"^(bash scripts/install\.sh --test && python -m pytest[^\n]*)$", readme, re.M)
-    assert match, "README must show the test command"
+    match = re.search(r"^(bash scripts/install\.sh --test && ruff check \. && python -m pytest[^\n]*)$", readme, re.M)
+    assert match, "README must show the test command, the lint first"
     assert match.group(1) in ci
 
 
