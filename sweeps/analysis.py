@@ -15,8 +15,9 @@ from statistics import mean
 from sweeps import edges
 from sweeps.records import TrialRecord
 from trainer import curves
+from trainer.methods import METHODS
 
-METHOD_ORDER = ("full", "lora", "last_layer")
+METHOD_ORDER = tuple(METHODS)  # the registry's order
 
 
 def methods(records: list[TrialRecord]) -> list[str]:

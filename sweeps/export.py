@@ -7,7 +7,7 @@
     python -m trainer.train sweeps_out/lr-instability/export/best.yaml
 
 Writes best.yaml (a trainer config that saves the model or adapter), the same
-settings as Hugging Face TrainingArguments and PEFT LoraConfig JSON (each loads
+settings as Hugging Face TrainingArguments and, for an adapter method, its PEFT config JSON (each loads
 with ``Cls(**json.load(f))``), OpenAI fine-tuning hyperparameters, and
 provenance, which records the rule that chose the trial. Pruned, diverged and
 failed trials are never exported. A plain export warns when the trial it picks
@@ -143,6 +143,7 @@ def export(record, cfg: dict, out: Path, *, sweep: str, sweep_dir: Path, metric:
     from sweeps.tracking import scrub
     from trainer.config import TrainConfig
     from trainer.data import run_records
+    from trainer.methods import get_method
     from trainer.outputs import provenance
 
     tc = TrainConfig.model_validate(cfg)
@@ -154,8 +155,9 @@ def export(record, cfg: dict, out: Path, *, sweep: str, sweep_dir: Path, metric:
     prod = {**cfg, "save_model": True, "output_dir": f"runs/best-{cfg['method']}", "fault": None}
     files = {"best.yaml": f"# python -m trainer.train {out / 'best.yaml'}\n" + yaml.safe_dump(scrub(prod), sort_keys=False)}
     files["hf_training_args.json"] = json.dumps(hf_training_args(tc, n_train), indent=2)
-    if cfg["method"] == "lora":
-        files["lora_config.json"] = json.dumps(lora_config(tc), indent=2)
+    method = get_method(tc.method)
+    if method.peft_args is not None:  # the adapter's PEFT config, as the trial built it
+        files[f"{method.name}_config.json"] = json.dumps(method.peft_args(tc), indent=2)
     files["openai.json"] = json.dumps(openai_hyperparameters(tc, n_train), indent=2)
     prov = provenance()
     files["provenance.json"] = json.dumps({
@@ -180,13 +182,6 @@ def hf_training_args(tc, n_train: int) -> dict:
         "logging_nan_inf_filter": False,  # HF hides NaN losses in its logs by default
         **({"max_steps": tc.max_steps} if tc.max_steps else {"num_train_epochs": tc.epochs}),
     }
-
-
-def lora_config(tc) -> dict:
-    """``peft.LoraConfig(**this)``: the adapter the trial trained (trainer.methods builds the same)."""
-    alpha = int(tc.lora_alpha) if float(tc.lora_alpha).is_integer() else tc.lora_alpha
-    return {"r": tc.lora_r, "lora_alpha": alpha, "lora_dropout": tc.lora_dropout,
-            "target_modules": tc.lora_target_modules, "task_type": "CAUSAL_LM"}
 
 
 def openai_hyperparameters(tc, n_train: int) -> dict:
