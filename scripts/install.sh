@@ -2,7 +2,7 @@
 # Install the project into the active Python environment (a venv is recommended).
 #
 #   bash scripts/install.sh          # the product: torch (CPU build), Ray, Optuna, MLflow, ... and the offline model
-#   bash scripts/install.sh --test   # the same plus what the tests need (pytest, optuna-dashboard)
+#   bash scripts/install.sh --test   # the same plus what the tests and CI need (pytest, ruff, optuna-dashboard)
 #
 # On a GPU machine, install the CUDA build of torch 2.13.0 first (see README); pip then keeps it.
 set -euo pipefail

@@ -15,8 +15,9 @@ from statistics import mean
 from sweeps import edges
 from sweeps.records import TrialRecord
 from trainer import curves
+from trainer.methods import METHODS
 
-METHOD_ORDER = ("full", "lora", "last_layer")
+METHOD_ORDER = tuple(METHODS)  # the registry's order
 
 
 def methods(records: list[TrialRecord]) -> list[str]:
@@ -200,7 +201,8 @@ def _method_findings(records, method) -> list[str]:
         parts.append(f"stable window {_fmt(window[0])} to {_fmt(window[1])}")
     best = best_trial(records, method)
     if best:
-        parts.append(f"best lr {_fmt(best.learning_rate)} (eval loss {final_loss(best):.3f}, l0 {best.final.get('l0', float('nan')):.3f})")
+        l0 = best.final.get("l0", float("nan"))
+        parts.append(f"best lr {_fmt(best.learning_rate)} (eval loss {final_loss(best):.3f}, l0 {l0:.3f})")
     sens = lr_sensitivity(records, method)
     if sens is not None:
         parts.append(f"LR sensitivity {sens:.2f}")
@@ -250,7 +252,7 @@ def _too_low(records) -> list[str]:
         best = best_trial(records, method)
         best_gain = _gain(best) if best else None
 
-        def little(r: TrialRecord) -> bool:  # slow, or pruned for being behind while it had gained as little
+        def little(r: TrialRecord, best_gain=best_gain) -> bool:  # slow, or pruned behind while it had gained as little
             return r.outcome == "slow" or (r.outcome == "pruned" and curves.low_gain(_gain(r), best_gain, _RULES) is not None)
 
         slow = [lr for lr, rs in by_lr.items() if all(little(r) for r in rs) and any(_gain(r) is not None for r in rs)]

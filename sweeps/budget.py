@@ -31,7 +31,7 @@ class TimeBudget:
         self._thread: threading.Thread | None = None
         self._previous = None
 
-    def __enter__(self) -> "TimeBudget":
+    def __enter__(self) -> TimeBudget:
         if self.seconds is None:
             return self
         if threading.current_thread() is not threading.main_thread():

@@ -10,14 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sweeps.pruning import read_stops
-from sweeps.records import NOT_SETTINGS, TrialRecord
-from sweeps.tracking import error_lines, trial_outcome
-
-HISTORY_KEYS = (
-    "step", "examples_seen", "epoch", "train_loss", "train_loss_ema", "eval_loss", "grad_norm", "lr",
-    "tokens_per_s", "objective", "train_time_s", "eval_time_s",
-)
+from sweeps.records import HISTORY_KEYS, NOT_SETTINGS, Status, TrialRecord, error_lines, read_stops, trial_outcome
 
 
 def collect_records(sweep_dir: Path) -> list[TrialRecord]:
@@ -58,12 +51,12 @@ def _record(trial_dir: Path, stops: dict, mlflow_map: dict, base: dict) -> Trial
     if failures:
         final["failures"] = failures  # every failure, oldest first: each but a final one was retried
     # error.txt stays behind when a retry succeeded: the last report then says how the trial really ended
-    recovered = final.get("done") and final.get("status") in ("completed", "diverged")
+    recovered = final.get("done") and final.get("status") in (Status.COMPLETED, Status.DIVERGED)
     error = None if recovered or not failures else failures[-1]
     outcome, reason = trial_outcome(final, stops.get(trial_id), error)
     record = TrialRecord(
         trial_id=trial_id, config=config, params=sampled, history=history, final=_finite(final),
-        stopped_by=stops.get(trial_id), error=error if outcome == "failed" and error else (reason if outcome == "failed" else None),
+        stopped_by=stops.get(trial_id), error=(error or reason) if outcome == Status.FAILED else None,
         mlflow_run_id=mlflow_map.get(trial_id), refine=params.get("refine"),
     )
     record.objective = _objective(final, outcome)
@@ -84,10 +77,10 @@ def _resolved(config: dict[str, Any]) -> dict[str, Any]:
 
 def _objective(final: dict, outcome: str) -> float | None:
     value = final.get("objective")
-    if outcome == "failed" or value is None or not math.isfinite(value):
+    if outcome == Status.FAILED or value is None or not math.isfinite(value):
         return None
     l0 = final.get("l0")
-    return min(value, l0) if outcome == "diverged" and l0 is not None else value
+    return min(value, l0) if outcome == Status.DIVERGED and l0 is not None else value
 
 
 def _results(path: Path) -> list[dict[str, Any]]:

@@ -251,7 +251,8 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, writer, resume: bool):
     tuner = tune.Tuner(
         trainable,
         # with refinement, at most the refiner's bound: it ends the search itself when nothing is left to refine
-        tune_config=TuneConfig(search_alg=bridge, num_samples=n_total + n_refine, max_concurrent_trials=spec.search.max_concurrent,
+        tune_config=TuneConfig(search_alg=bridge, num_samples=n_total + n_refine,
+                               max_concurrent_trials=spec.search.max_concurrent,
                                reuse_actors=True),
         run_config=RunConfig(
             name=spec.name, storage_path=str(sweep_dir.parent), stop=bridge, callbacks=[JsonLoggerCallback(), writer, progress],

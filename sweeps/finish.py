@@ -13,7 +13,8 @@ from sweeps.spec import SweepSpec
 from sweeps.tradeoff import finished, front, is_number, non_dominated, points
 
 
-def finish_sweep(spec: SweepSpec, sweep_dir: Path, records: list[TrialRecord], tracker, parent: str | None, *, wall_s: float) -> None:
+def finish_sweep(spec: SweepSpec, sweep_dir: Path, records: list[TrialRecord], tracker, parent: str | None, *,
+                 wall_s: float) -> None:
     from sweeps.classify import classify_all
     from sweeps.report import build_report
 

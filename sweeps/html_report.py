@@ -23,8 +23,9 @@ def write_html(records, figures: list[Path], findings: list[str], out: Path, tit
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
     if links:  # into the MLflow UI (served by `bash mlflow/serve` for a local store)
-        parts.append("<p>Open in MLflow: " + " &middot; ".join(
-            f"<a href='{html.escape(url, quote=True)}'>{html.escape(LINK_WORDS.get(k, k))}</a>" for k, url in links.items()) + "</p>")
+        anchors = [f"<a href='{html.escape(url, quote=True)}'>{html.escape(LINK_WORDS.get(k, k))}</a>"
+                   for k, url in links.items()]
+        parts.append("<p>Open in MLflow: " + " &middot; ".join(anchors) + "</p>")
     parts.append("<h2>Diagnosis</h2><ul>")
     parts += [f"<li>{html.escape(f)}</li>" for f in findings] + ["</ul>"]
     parts.append("<p>" + " ".join(f"<span class='o' style='background:{c}'>{html.escape(LABELS[o])}</span>"

@@ -11,11 +11,9 @@ from pathlib import Path
 
 import yaml
 
-from sweeps.records import NOT_SETTINGS, TrialRecord
+from sweeps.records import CURVES, NOT_SETTINGS, Status, TrialRecord
 from trainer.errors import UserError
 from trainer.yamlio import safe_load
-
-_HISTORY = ("train_loss", "train_loss_ema", "eval_loss", "grad_norm", "lr", "tokens_per_s", "objective")
 
 
 def records_from_experiment(name: str, uri: str | None = None):
@@ -51,19 +49,19 @@ def _record(client, run) -> TrialRecord:
     tags, params = run.data.tags, run.data.params
     config = {k: _parse(v) for k, v in params.items() if k not in NOT_SETTINGS}
     by_step: dict[int, dict] = {}
-    for key in _HISTORY:
+    for key in CURVES:
         for m in client.get_metric_history(run.info.run_id, key):
             by_step.setdefault(m.step, {"examples_seen": m.step})[key] = m.value
     history = [by_step[s] for s in sorted(by_step)]
     final = dict(run.data.metrics)
-    outcome = tags.get("outcome", "completed")
-    final["status"] = {"completed": "completed", "failed": "failed"}.get(outcome, "diverged" if outcome == "diverged" else "completed")
-    final["done"] = outcome == "completed"
+    outcome = tags.get("outcome", Status.COMPLETED)
+    final["status"] = outcome if outcome in (Status.FAILED, Status.DIVERGED) else Status.COMPLETED.value  # pruned ran fine
+    final["done"] = outcome == Status.COMPLETED
     reason = tags.get("reason") or None
     return TrialRecord(
         trial_id=tags.get("trial_id", run.info.run_id[:8]), config=config, params=dict(config), history=history, final=final,
-        stopped_by=reason if outcome in ("pruned", "diverged") else None,
-        error=reason if outcome == "failed" else None, mlflow_run_id=run.info.run_id,
+        stopped_by=reason if outcome in (Status.PRUNED, Status.DIVERGED) else None,
+        error=reason if outcome == Status.FAILED else None, mlflow_run_id=run.info.run_id,
         objective=final.get("objective"), refine=int(tags["refine"]) if tags.get("refine", "").isdigit() else None,
     )
 

@@ -43,8 +43,8 @@ class ProgressPrinter(Callback):
             print(f"[{self._clock()}] {self.done} done of {self.total}, {running} running", flush=True)
 
     def _finish(self, trial, trials, error: bool) -> None:
-        from sweeps.pruning import read_stops
-        from sweeps.tracking import trial_error, trial_outcome
+        from sweeps.records import Status, read_stops, trial_outcome
+        from sweeps.tracking import trial_error
 
         self.done += 1
         last = trial.last_result or {}
@@ -52,7 +52,7 @@ class ProgressPrinter(Callback):
         outcome, reason = trial_outcome(last, stop, trial_error(trial) if error else None)
         value = last.get(self.metric, last.get("objective"))
         shown = f"{self.metric} {value:.4f}" if isinstance(value, float) and math.isfinite(value) else ""
-        if outcome == "completed" and isinstance(value, float) and (self.best is None or value < self.best[0]):
+        if outcome == Status.COMPLETED and isinstance(value, float) and (self.best is None or value < self.best[0]):
             self.best = (value, _label(trial))
         print(f"[{self._clock()}] {outcome:<9} {_label(trial)}  {shown}  {reason}  ({self.done} of {self.total})", flush=True)
 

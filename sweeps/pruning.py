@@ -42,12 +42,13 @@ from ray.tune import Stopper
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from sweeps.records import read_stops  # its home; still importable from here
 from sweeps.spec import Pruning, SweepSpec
 from sweeps.trial import objective_keys
 from trainer.curves import DivergenceRule
 
 log = logging.getLogger(__name__)
-_LIVE: dict[str, "PruningSearch"] = {}
+_LIVE: dict[str, PruningSearch] = {}
 
 
 class DivergenceMonitor:
@@ -123,7 +124,7 @@ class PruningSearch(OptunaSearch, Stopper):
         _LIVE[self._key] = self
 
     # --- the live object ------------------------------------------------------------
-    def _live(self) -> "PruningSearch":
+    def _live(self) -> PruningSearch:
         return _LIVE.get(self._key, self)
 
     def restore(self, checkpoint_path: str) -> None:
@@ -302,15 +303,3 @@ def search_finished(name: str) -> bool:
 def _append_stop(path: Path, trial_id: str, reason: str) -> None:
     with path.open("a") as handle:
         handle.write(json.dumps({"trial_id": trial_id, "reason": reason}) + "\n")
-
-
-def read_stops(path: Path) -> dict[str, str]:
-    """trial_id -> the reason it was stopped (the last one recorded)."""
-    if not path.is_file():
-        return {}
-    out = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            out[row["trial_id"]] = row["reason"]
-    return out

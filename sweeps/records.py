@@ -1,17 +1,54 @@
 """The typed record of one finished (or stopped) trial: what the report, the map and export read.
 
 A sweep writes ``SWEEP_DIR/trials.json``: a JSON list of ``TrialRecord.to_json()``.
+
+This module owns the trial record's vocabulary: the metric names a trial reports (and which of
+them are logged, kept as curves, read back from MLflow), how a trial ended (``Status``) and what
+it was (``Outcome``), and the plain files a sweep folder keeps (``stops.jsonl``, a trial's
+``error.txt``). It imports neither Ray, Optuna, MLflow nor torch: reading a sweep needs none.
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from sweeps.watchdog import TrialStalled
 
-class Outcome(str, Enum):
+# --- metric names: the one list, and the named subsets its readers and writers use --------------------------
+CURVES = ("train_loss", "train_loss_ema", "eval_loss", "grad_norm", "lr", "tokens_per_s", "objective")
+"""A value at (nearly) every report: the curves MLflow draws and ``sweeps.mlflow_records`` reads back."""
+PROGRESS = ("step", "examples_seen", "epoch")
+"""Where on the run a report is; ``examples_seen`` is every curve's x axis (MLflow's step)."""
+TIMINGS = ("train_time_s", "eval_time_s", "setup_time_s")
+SUMMARY = (
+    "l0", "train_exact_match", "eval_exact_match", "train_token_accuracy", "eval_token_accuracy",
+    "train_completion_loss", "train_prompt_loss", "forgetting", "reference_nll", "weight_change_mean",
+    "weights_changed_fraction", "trainable_fraction",
+)
+"""Measured once, at the start (``l0``) or the end of a run."""
+METRICS = (*PROGRESS, *CURVES, *TIMINGS, *SUMMARY)
+"""Every numeric metric a trial reports."""
+LOGGED_METRICS = tuple(m for m in METRICS if m != "step")
+"""What the driver logs to MLflow, each at step = examples_seen (so ``step`` itself is not)."""
+HISTORY_KEYS = (*PROGRESS, *CURVES, "train_time_s", "eval_time_s")
+"""What a record's ``history`` keeps of each report (setup happens once; the summary is in ``final``)."""
+
+
+class Status(StrEnum):
+    """How a trial ended, as the sweep saw it: the trainer's own last status (completed, diverged or failed),
+    or the sweep's stop (pruned, or diverged by the divergence rules). The MLflow ``outcome`` tag."""
+
+    COMPLETED = "completed"
+    PRUNED = "pruned"
+    DIVERGED = "diverged"
+    FAILED = "failed"
+
+
+class Outcome(StrEnum):
     """What happened to a trial (``sweeps.classify``). Stored in records as the plain string value."""
 
     CONVERGED = "converged"
@@ -82,7 +119,7 @@ class TrialRecord:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "TrialRecord":
+    def from_json(cls, data: dict[str, Any]) -> TrialRecord:
         return cls(**data)
 
 
@@ -94,3 +131,47 @@ def save_records(records: list[TrialRecord], path: Path) -> None:
 
 def load_records(path: Path) -> list[TrialRecord]:
     return [TrialRecord.from_json(d) for d in json.loads(path.read_text())]
+
+
+# --- the plain files of a sweep folder ------------------------------------------------------------------------
+def read_stops(path: Path) -> dict[str, str]:
+    """trial_id -> the reason the sweep stopped it (the last one recorded in ``stops.jsonl``)."""
+    if not path.is_file():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            out[row["trial_id"]] = row["reason"]
+    return out
+
+
+_STALLED = re.compile(rf"^(?:[\w.]+\.)?{TrialStalled.__name__}: ")
+
+
+def error_lines(path: str | Path | None) -> list[str]:
+    """One line per failure recorded in a trial's error.txt (Ray appends each, retried or not), oldest first.
+
+    A line is the failure's last line, not its traceback; a stall is its bare reason.
+    """
+    try:
+        text = Path(path).read_text() if path else ""
+    except OSError:
+        return []
+    blocks = re.split(r"^Failure # \d+ .*$", text, flags=re.M)
+    lines = [[ln for ln in b.splitlines() if ln.strip()] for b in blocks]
+    failures = [b[-1].strip()[:300] for b in lines if b]
+    return [_STALLED.sub("", line) for line in failures]
+
+
+def trial_outcome(last: dict, stop_reason: str | None, error: str | None) -> tuple[Status, str]:
+    """How the trial ended, with the reason in words, from its last report, the sweep's stop and its failure."""
+    if error:
+        return Status.FAILED, error
+    if last.get("status") == Status.FAILED:
+        return Status.FAILED, last.get("reason") or "failed"
+    if stop_reason:
+        return (Status.DIVERGED if stop_reason.startswith("diverged") else Status.PRUNED), stop_reason
+    if last.get("status") == Status.DIVERGED:
+        return Status.DIVERGED, f"diverged: {last.get('reason', '')}"
+    return Status.COMPLETED, ""

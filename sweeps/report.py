@@ -13,10 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __name__ == "__main__" and __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script: import the package, not siblings
-
-from trainer.errors import UserError, cli_errors
+from trainer.errors import UserError, cli_errors, prog_name
 
 
 @dataclass
@@ -92,7 +89,8 @@ def sweep_thresholds(sweep_dir: Path):
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python sweeps/report.py", description="Draw the instability map of a sweep.")
+    parser = argparse.ArgumentParser(prog=prog_name("python sweeps/report.py"),
+                                     description="Draw the instability map of a sweep.")
     parser.add_argument("sweep", help="the sweep folder (e.g. sweeps_out/lr-instability) or its MLflow experiment name")
     parser.add_argument("--out", help="where to write the figures and report.html (default: SWEEP/report)")
     args = parser.parse_args(argv)

@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-if __name__ == "__main__" and __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script: import the package, not siblings
-
-from trainer.errors import cli_errors
+from trainer.errors import cli_errors, prog_name
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python sweeps/run.py", description="Run a fine-tuning sweep.")
+    parser = argparse.ArgumentParser(prog=prog_name("python sweeps/run.py"), description="Run a fine-tuning sweep.")
     parser.add_argument("spec", help="sweep spec (YAML), e.g. search_spaces/lr.yaml")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, checked against the schema")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")

@@ -8,10 +8,10 @@ values are set as user attributes so the study shows them.
 """
 from __future__ import annotations
 
-
 from typing import Any
 
 from sweeps.spec import Dimension, SweepSpec
+
 
 # method first, so per-method ranges and `when: {method: ...}` conditions can see it
 def _order(spec: SweepSpec) -> list[str]:

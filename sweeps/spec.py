@@ -41,7 +41,7 @@ class Range(BaseModel):
     grid: int | None = Field(None, ge=1)  # points for algorithm: grid (log-spaced when log)
 
     @model_validator(mode="after")
-    def _bounds(self) -> "Range":
+    def _bounds(self) -> Range:
         if self.low > self.high:
             raise ValueError(f"low <= high must hold, but got (low={self.low}, high={self.high})")
         if self.log and self.low <= 0:
@@ -79,7 +79,7 @@ class Dimension(BaseModel):
         return {"values": data} if isinstance(data, list) else data
 
     @model_validator(mode="after")
-    def _shape(self) -> "Dimension":
+    def _shape(self) -> Dimension:
         has_range = self.low is not None or self.high is not None
         if self.values is not None and (has_range or self.per_method):
             raise ValueError("give either values or a range (low/high, per_method), not both")
@@ -142,7 +142,7 @@ class Search(BaseModel):
     refine: Refine | None = None
 
     @model_validator(mode="after")
-    def _metrics_and_modes(self) -> "Search":
+    def _metrics_and_modes(self) -> Search:
         if isinstance(self.metric, list) and not self.metric:
             raise ValueError("metric: give at least one metric")
         if len(set(self.metrics)) != len(self.metrics):
@@ -234,7 +234,7 @@ class Data(BaseModel):
     eval_fraction: float | None = Field(None, ge=0, lt=1)
 
     @model_validator(mode="after")
-    def _one_eval_source(self) -> "Data":
+    def _one_eval_source(self) -> Data:
         if self.eval is not None and self.eval_fraction:
             raise ValueError("give eval (a file) or eval_fraction (a held-out share of train), not both")
         return self
@@ -263,7 +263,7 @@ class SweepSpec(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "SweepSpec":
+    def _consistent(self) -> SweepSpec:
         problems = []
         fields = set(TrainConfig.model_fields)
         for key in self.space:

@@ -21,20 +21,13 @@ from typing import Any
 
 from ray.tune import Callback
 
-from sweeps.records import NOT_SETTINGS
-from sweeps.watchdog import TrialStalled
+# LOGGED_METRICS, error_lines, trial_outcome live in sweeps.records and stay importable from here
+from sweeps.records import LOGGED_METRICS, NOT_SETTINGS, Status, error_lines, read_stops, trial_outcome
 
 log = logging.getLogger(__name__)
 
-LOGGED_METRICS = (
-    "train_loss", "train_loss_ema", "eval_loss", "grad_norm", "lr", "examples_seen", "tokens_per_s", "objective",
-    "epoch", "l0", "train_exact_match", "eval_exact_match", "train_token_accuracy", "eval_token_accuracy",
-    "train_completion_loss", "train_prompt_loss", "forgetting", "reference_nll", "weight_change_mean",
-    "weights_changed_fraction", "trainable_fraction", "train_time_s", "eval_time_s", "setup_time_s",
-)
 _SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|CREDENTIAL|AUTH", re.I)
-_STALLED = re.compile(rf"^(?:[\w.]+\.)?{TrialStalled.__name__}: ")
-_STATUS = {"completed": "FINISHED", "pruned": "KILLED", "diverged": "KILLED", "failed": "FAILED"}
+_RUN_STATUS = {Status.COMPLETED: "FINISHED", Status.PRUNED: "KILLED", Status.DIVERGED: "KILLED", Status.FAILED: "FAILED"}
 
 
 def configure_client_timeouts() -> None:
@@ -313,46 +306,16 @@ class MlflowWriter(Callback):
         self.tracker.submit({"op": "tags", "trial": trial.trial_id, "tags": {"retries": trial.num_failures}})
 
     def _end(self, trial, error: str | None) -> None:
-        from sweeps.pruning import read_stops
-
         last = trial.last_result or {}
         self._create(trial)
         self._flush(trial.trial_id, int(last.get("examples_seen", 0)))
         stop = read_stops(self.tracker.sweep_dir / "stops.jsonl").get(trial.trial_id)
         outcome, reason = trial_outcome(last, stop, error)
         self.tracker.submit({"op": "tags", "trial": trial.trial_id, "tags": {"outcome": outcome, "reason": reason}})
-        self.tracker.submit({"op": "end", "trial": trial.trial_id, "status": _STATUS[outcome]})
-
-
-def trial_outcome(last: dict, stop_reason: str | None, error: str | None) -> tuple[str, str]:
-    """completed | pruned | diverged | failed, with the reason in words."""
-    if error:
-        return "failed", error
-    if last.get("status") == "failed":
-        return "failed", last.get("reason") or "failed"
-    if stop_reason:
-        return ("diverged" if stop_reason.startswith("diverged") else "pruned"), stop_reason
-    if last.get("status") == "diverged":
-        return "diverged", f"diverged: {last.get('reason', '')}"
-    return "completed", ""
+        self.tracker.submit({"op": "end", "trial": trial.trial_id, "status": _RUN_STATUS[outcome]})
 
 
 def trial_error(trial) -> str:
     """A Ray trial's last failure in one line (e.g. 'OutOfMemoryError: ...'); a default when Ray wrote none."""
     failures = error_lines(getattr(trial, "error_file", None))
     return failures[-1] if failures else "the trial process failed"
-
-
-def error_lines(path: str | Path | None) -> list[str]:
-    """One line per failure recorded in a trial's error.txt (Ray appends each, retried or not), oldest first.
-
-    A line is the failure's last line, not its traceback; a stall is its bare reason.
-    """
-    try:
-        text = Path(path).read_text() if path else ""
-    except OSError:
-        return []
-    blocks = re.split(r"^Failure # \d+ .*$", text, flags=re.M)
-    lines = [[ln for ln in b.splitlines() if ln.strip()] for b in blocks]
-    failures = [b[-1].strip()[:300] for b in lines if b]
-    return [_STALLED.sub("", line) for line in failures]

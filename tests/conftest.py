@@ -28,10 +28,14 @@ def tokenizer(tiny_model_dir):
 
 
 def run_cli(args: list[str], cwd: Path | None = None, timeout: float = 300, env: dict | None = None):
-    """Run a project command as a user would; returns the CompletedProcess."""
+    """Run a project command as a user would; returns the CompletedProcess.
+
+    The command imports this checkout's packages (PYTHONPATH), also where the venv's editable install is another one.
+    """
     import subprocess
 
     full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), full_env.get("PYTHONPATH")) if p)
     return subprocess.run(
         [sys.executable, *args], cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout, env=full_env
     )

@@ -26,13 +26,70 @@ def test_trainer_never_imports_ray_or_mlflow():
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    match = re.search(r"^(bash scripts/install\.sh --test && python -m pytest[^\n]*)$", readme, re.M)
-    assert match, "README must show the test command"
+    match = re.search(r"^(bash scripts/install\.sh --test && ruff check \. && python -m pytest[^\n]*)$", readme, re.M)
+    assert match, "README must show the test command, the lint first"
     assert match.group(1) in ci
 
 
 def test_reading_a_spec_imports_no_torch_ray_or_mlflow():
     """--dry-run and every bad-spec message come back in under a second: the spec is plain Python."""
-    code = "import sys, sweeps.spec, sweeps.classify, trainer.curves; print(sorted({'torch', 'ray', 'mlflow', 'optuna'} & set(sys.modules)))"
+    code = ("import sys, sweeps.spec, sweeps.classify, trainer.curves; "
+            "print(sorted({'torch', 'ray', 'mlflow', 'optuna'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_reading_a_sweep_folder_imports_no_ray_optuna_or_torch():
+    """The report and export read finished sweeps: sweeps.collect and sweeps.records need only the files."""
+    code = ("import sys, sweeps.collect, sweeps.records; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'ray', 'optuna', 'mlflow'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_one_list_of_metric_names():
+    from sweeps import collect, mlflow_records, records, tracking
+
+    assert set(records.LOGGED_METRICS) | set(records.HISTORY_KEYS) | set(records.CURVES) <= set(records.METRICS)
+    assert len(set(records.METRICS)) == len(records.METRICS)
+    assert tracking.LOGGED_METRICS is records.LOGGED_METRICS and collect.HISTORY_KEYS is records.HISTORY_KEYS
+    assert mlflow_records.CURVES is records.CURVES
+
+
+COMMANDS = ("finetune-sweep", "finetune-train", "finetune-export", "finetune-report")
+
+
+def test_the_entry_points_answer_help(tmp_path):
+    """[project.scripts] declares the commands, and each answers --help (exit 0).
+
+    A venv installed by ``bash scripts/install.sh`` has them in its bin and they are run from there; a venv
+    installed before the entry points (or from another checkout) runs each the way pip's launcher does.
+    """
+    import tomllib
+    from pathlib import Path
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(COMMANDS) <= set(declared)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(tmp_path)}  # this checkout's packages
+    for name in COMMANDS:
+        installed = Path(sys.executable).parent / name
+        module, func = declared[name].split(":")
+        launcher = [sys.executable, "-c", f"import sys; from {module} import {func}; sys.argv[0] = {name!r}; sys.exit({func}())"]
+        command = [str(installed)] if installed.exists() else launcher
+        proc = subprocess.run([*command, "--help"], text=True, capture_output=True, cwd=tmp_path, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith(f"usage: {name} "), proc.stdout[:200]
+
+
+def test_the_documented_file_commands_still_run():
+    """``python sweeps/run.py`` and ``python scripts/export_best.py`` from the repo root, as the README shows them."""
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    for script in ("sweeps/run.py", "sweeps/report.py", "scripts/export_best.py"):
+        proc = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=ROOT, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith(f"usage: python {script} "), proc.stdout[:200]
+
+
+def test_no_package_sets_sys_path():
+    for path in [*(ROOT / "sweeps").glob("*.py"), *(ROOT / "trainer").glob("*.py")]:
+        assert "sys.path" not in path.read_text(), path

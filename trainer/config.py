@@ -13,7 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from trainer.yamlio import apply_overrides, read_yaml, validate
 
-
 DEFAULT_HOLDOUT = 0.1  # share of a user's training file held out for the held-out loss when no eval data is given
 
 
@@ -118,7 +117,7 @@ class TrainConfig(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _report_cadence(self) -> "TrainConfig":
+    def _report_cadence(self) -> TrainConfig:
         if self.eval_every is not None and self.eval_every % self.report_every:
             raise ValueError(
                 f"eval_every ({self.eval_every}) must be a multiple of report_every ({self.report_every})"

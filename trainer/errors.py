@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -31,3 +32,9 @@ def cli_errors(main: Callable[..., int | None]) -> Callable[..., int]:
             return 130
 
     return wrapper
+
+
+def prog_name(as_file: str) -> str:
+    """The usage line's command: the installed one (``finetune-sweep``) when run so, else ``as_file``."""
+    name = Path(sys.argv[0]).name
+    return name if name.startswith("finetune-") else as_file

@@ -1,8 +1,9 @@
 """The tuning-method registry: which parameters train, what is saved, what changed.
 
-Each method is one small unit with the same shape. The training loop never
-branches on a method's name; adding a method is one ``register(...)`` call and
-one test case (the tests are parametrized over ``METHODS``).
+Each method is one small unit with the same shape. The training loop, the export
+and the report never branch on a method's name; adding a method is one
+``register(...)`` call and one test case (the tests are parametrized over
+``METHODS``). Registration order is the order the map and the report show them.
 
 What each method trains:
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the registry is read by the sweep spec (names only): importing it must not cost torch's 4 s
     import torch
@@ -35,9 +36,18 @@ class Method:
     """Freeze/wrap the base model for training; returns the model to train."""
     effective_state: Callable[[nn.Module], dict[str, torch.Tensor]]
     """The weights the tuned model computes with, under the base model's parameter names."""
-    save: Callable[[nn.Module, Path], None]
-    """Write the trained artefact (whole model or adapter) to a directory."""
-    saves_adapter: bool = False
+    peft_args: Callable[[object], dict[str, Any]] | None = None
+    """For a method that trains a PEFT adapter: ``peft.LoraConfig(**peft_args(cfg))`` (or the method's own PEFT
+    config class) is the adapter it trains. The export writes the same dict as ``<name>_config.json``."""
+
+    @property
+    def saves_adapter(self) -> bool:
+        """True when ``save`` writes only the adapter (loaded with ``peft``), False for the whole model."""
+        return self.peft_args is not None
+
+    def save(self, model: nn.Module, out: Path) -> None:
+        """Write the trained artefact to a directory: ``save_pretrained`` writes a peft model's adapter, else the model."""
+        model.save_pretrained(out)
 
 
 METHODS: dict[str, Method] = {}
@@ -74,11 +84,44 @@ def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in model.named_parameters()}
 
 
-def _save_whole(model: nn.Module, out: Path) -> None:
-    model.save_pretrained(out)
+register(Method("full", _full_prepare, _plain_state))
 
 
-register(Method("full", _full_prepare, _plain_state, _save_whole))
+# --- lora ---------------------------------------------------------------------
+
+
+def _lora_args(cfg) -> dict[str, Any]:
+    """``peft.LoraConfig(**this)``: the adapter a trial trains, and what the export writes as lora_config.json."""
+    alpha = int(cfg.lora_alpha) if float(cfg.lora_alpha).is_integer() else cfg.lora_alpha
+    return {"r": cfg.lora_r, "lora_alpha": alpha, "lora_dropout": cfg.lora_dropout,
+            "target_modules": cfg.lora_target_modules, "task_type": "CAUSAL_LM"}
+
+
+def _lora_prepare(model: nn.Module, cfg) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(**_lora_args(cfg)))
+
+
+def _lora_effective_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Base weights plus each adapter's delta (as if merged), under base names."""
+    from peft.tuners.lora import LoraLayer
+
+    state: dict[str, torch.Tensor] = {}
+    base = model.get_base_model()
+    for name, param in base.named_parameters():
+        if "lora_" in name:
+            continue
+        state[name.replace(".base_layer", "")] = param.detach()
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer) and module.active_adapters:
+            weight = module.get_base_layer().weight.detach()
+            delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
+            state[f"{name}.weight"] = weight + delta.detach()
+    return state
+
+
+register(Method("lora", _lora_prepare, _lora_effective_state, peft_args=_lora_args))
 
 
 # --- last_layer ---------------------------------------------------------------
@@ -109,45 +152,4 @@ def _last_layer_prepare(model: nn.Module, cfg) -> nn.Module:
     return model
 
 
-register(Method("last_layer", _last_layer_prepare, _plain_state, _save_whole))
-
-
-# --- lora ---------------------------------------------------------------------
-
-
-def _lora_prepare(model: nn.Module, cfg) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.lora_target_modules,
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
-
-
-def _lora_effective_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Base weights plus each adapter's delta (as if merged), under base names."""
-    from peft.tuners.lora import LoraLayer
-
-    state: dict[str, torch.Tensor] = {}
-    base = model.get_base_model()
-    for name, param in base.named_parameters():
-        if "lora_" in name:
-            continue
-        state[name.replace(".base_layer", "")] = param.detach()
-    for name, module in base.named_modules():
-        if isinstance(module, LoraLayer) and module.active_adapters:
-            weight = module.get_base_layer().weight.detach()
-            delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
-            state[f"{name}.weight"] = weight + delta.detach()
-    return state
-
-
-def _save_adapter(model: nn.Module, out: Path) -> None:
-    model.save_pretrained(out)
-
-
-register(Method("lora", _lora_prepare, _lora_effective_state, _save_adapter, saves_adapter=True))
+register(Method("last_layer", _last_layer_prepare, _plain_state))

@@ -64,14 +64,15 @@ def write_outputs(cfg: TrainConfig, model, tokenizer, method, metrics, history, 
 
 
 def load_finetuned(output_dir: str | Path):
-    """Load a run's output back as ``(model, tokenizer, cfg)``: the base plus adapter for LoRA."""
+    """Load a run's output back as ``(model, tokenizer, cfg)``: the base plus adapter for an adapter method."""
     from transformers import AutoModelForCausalLM
 
+    from trainer.methods import get_method
     from trainer.models import load_model, load_tokenizer
 
     out = Path(output_dir)
     cfg = TrainConfig.model_validate(safe_load((out / "config.yaml").read_text()))
-    if (out / "model" / "adapter_config.json").is_file():
+    if get_method(cfg.method).saves_adapter:
         from peft import PeftModel
 
         base, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)

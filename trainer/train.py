@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from trainer.errors import cli_errors
+from trainer.errors import cli_errors, prog_name
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=prog_name("python -m trainer.train"), description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="YAML file of TrainConfig fields")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, checked against the schema")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     if "forgetting" in m:
         print(f"forgetting (reference NLL change): {m['forgetting']:+.4f} nats")
     if "weights_changed_fraction" in m:
-        print(f"weights changed: {m['weights_changed_fraction']:.1%} of parameters, mean relative change {m['weight_change_mean']:.2e}")
+        print(f"weights changed: {m['weights_changed_fraction']:.1%} of parameters, "
+              f"mean relative change {m['weight_change_mean']:.2e}")
     print(f"trainable: {m['trainable_params']:,} parameters ({m['trainable_fraction']:.2%})")
     print(f"outputs: {result.output_dir}")
     return 0 if result.status == "completed" else 1
@@ -50,9 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_data_early(cfg) -> None:
     """Read the data files before loading a model, so bad data fails in a second, not after a load."""
-    from trainer.data import load_records
-
-    from trainer.data import split_records
+    from trainer.data import load_records, split_records
 
     _, held_out = split_records(load_records(cfg.train_data), cfg.eval_data, cfg.eval_fraction)
     print(f"{cfg.eval_plan()} ({len(held_out)} records)", flush=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from sweeps.collect import collect_records
-from sweeps.tracking import error_lines
+from sweeps.records import error_lines
 
 ERROR_TXT = """Failure # 1 (occurred at 2026-11-23_09-26-14)
 ray::ImplicitFunc.train() (pid=5623, ip=192.0.2.2, repr=run_trial)

@@ -1,7 +1,6 @@
 """Sweep specs: every shipped spec loads and dry-runs; bad specs give one clear message and exit code 2."""
 from __future__ import annotations
 
-
 import pytest
 
 from sweeps.space import DefineByRun, grid_cells
@@ -67,7 +66,8 @@ BAD_SPECS = [
     ("low > high", GOOD.replace("[0.001]", "{low: 1.0, high: 0.1, grid: 3}"), "low <= high must hold"),
     ("non-positive log bound", GOOD.replace("[0.001]", "{low: 0, high: 0.1, log: true, grid: 3}"), "a log range needs low > 0"),
     ("unknown method", GOOD.replace("[full]", "[full, qlora]"), "unknown method 'qlora'"),
-    ("unknown sampler", GOOD.replace("algorithm: grid", "algorithm: cmaes"), "search.algorithm: Input should be 'tpe', 'nsga2', 'random' or 'grid'"),
+    ("unknown sampler", GOOD.replace("algorithm: grid", "algorithm: cmaes"),
+     "search.algorithm: Input should be 'tpe', 'nsga2', 'random' or 'grid'"),
     ("not a trainer field", GOOD + "  learning_rat: [1]\n", "space.learning_rat: not a trainer field"),
     ("grid without points", GOOD.replace("[0.001]", "{low: 0.001, high: 0.1, log: true}"), "algorithm grid needs values"),
     ("bad batch size", GOOD + "  batch_size: [0, 4]\n", "batch_size: Input should be greater than or equal to 1"),
@@ -80,7 +80,8 @@ BAD_SPECS = [
     ("negative time budget", GOOD, "search.time_budget_s: Input should be greater than 0 (got -5)"),
     ("multi-objective, rule not named", GOOD.replace("{algorithm: grid}", f"{{algorithm: grid, {TWO}}}"),
      "the default rule (median) would prune on the primary metric eval_loss alone"),
-    ("multi-objective hyperband", GOOD.replace("{algorithm: grid}", f"{{algorithm: grid, {TWO}}}") + "pruning: {rule: hyperband}\n",
+    ("multi-objective hyperband",
+     GOOD.replace("{algorithm: grid}", f"{{algorithm: grid, {TWO}}}") + "pruning: {rule: hyperband}\n",
      "pruning.rule: hyperband cannot prune a multi-objective search"),
     ("a mode per metric", GOOD.replace("{algorithm: grid}", "{algorithm: grid, metric: [eval_loss, forgetting], mode: [min]}"),
      "mode: one per metric (2), but got ['min']"),
