@@ -145,10 +145,10 @@ class PruningSearch(OptunaSearch, Stopper):
     def suggest(self, trial_id: str):
         _LIVE[self._key] = self
         if trial_id not in self._ot_trials:
+            from sweeps.refine import DONE, GRID, WAIT
+
             step = None
             if self._refiner is not None:
-                from sweeps.refine import DONE, GRID, WAIT
-
                 step = self._refiner.step(self._ot_study)
                 if step == WAIT:
                     return None  # a group still running may need more: Ray asks again
@@ -209,6 +209,10 @@ class PruningSearch(OptunaSearch, Stopper):
         if ot_trial is None or value is None or step is None or not math.isfinite(value):
             return None
         storage, multi = self._ot_study._storage, len(self._objective_keys) > 1
+        if (result.get("config") or {}).get("refine"):
+            # A refinement trial is there to measure an edge: near it, a curve is behind the median by design, and
+            # stopping it would leave "did it diverge?" unanswered. The divergence rules still stop it.
+            return None
         if multi:  # Trial.report raises here; the storage keeps the curve all the same
             storage.set_trial_intermediate_value(ot_trial._trial_id, int(step), float(value))
         else:

@@ -99,3 +99,19 @@ def test_the_divergence_rules_stop_a_multi_objective_trial_without_a_pruning_rul
     reason = _run(bridge, "a", [3.0, 2.0, 60.0, 1.0], {})
     assert reason.startswith("diverged:") and "jumped past 10x" in reason
     assert study().trials[0].state == TrialState.PRUNED
+
+
+def test_the_median_rule_never_stops_a_refinement_trial_but_the_divergence_rules_do(tmp_path):
+    bridge, _ = _bridge(tmp_path, "{rule: median, startup_trials: 2, warmup_reports: 1}")
+    done = {"status": "completed", "objective_eval_loss": 1.0, "objective_forgetting": 0.3}
+    assert _run(bridge, "a", [3.0, 2.0, 1.0], done) is None
+    assert _run(bridge, "b", [3.0, 2.2, 1.1], done) is None
+    behind = {"examples_seen": 16, "train_loss": 2.9, "train_loss_ema": 2.9, "grad_norm": 1.0}
+    bridge.suggest("c")
+    bridge("c", {**behind, "examples_seen": 8, "train_loss": 3.0, "train_loss_ema": 3.0, "config": {"refine": 1}})
+    assert not bridge("c", {**behind, "config": {"refine": 1}}), "behind the median, but measuring an edge"
+    bridge.suggest("d")
+    bridge("d", {**behind, "examples_seen": 8, "train_loss": 3.0, "train_loss_ema": 3.0, "config": {}})
+    assert bridge("d", {**behind, "config": {}}), "the same curve in the grid is pruned"
+    assert bridge("c", {**behind, "examples_seen": 24, "train_loss": 60.0, "config": {"refine": 1}})
+    assert bridge.stop_reason("c").startswith("diverged:")
