@@ -14,6 +14,9 @@ held-out loss when it ran to its end. From the points:
 - ``proposals`` are geometric midpoints: of the edge's interval while it is wider than ``within``, and
   of each side of the optimum while that side's half-gap is. From a decade grid, one round places
   every optimum within 10 ** (1/4) = 1.78x and two rounds every edge within 1.78x: within 2.
+- a group with no edge in its range (nothing diverged, or everything did) or its best LR at an end of
+  the range steps past that end by half the last gap (3.2x from a decade grid): the range is where the
+  user guessed, not where the answer must be.
 
 Pure Python: the searcher (``sweeps.pruning``) proposes with it from the Optuna study while the sweep
 runs, and the findings (``sweeps.analysis``) read the same edges from the finished records.
@@ -119,14 +122,19 @@ def optimum(points: list[Point]) -> Optimum | None:
 def proposals(points: list[Point], within: float = 2.0) -> list[tuple[float, str]]:
     """The next LRs for this group, each with why: midpoints of the intervals still wider than ``within``."""
     wanted: list[tuple[float, str]] = []
+    lrs = sorted({p.lr for p in points})
     e = edge(points)
     if e and e.ratio and e.ratio > within:
         wanted.append((geo_mid(e.below, e.above), "edge"))
+    elif e and (e.above is None or e.below is None):  # nothing diverged, or everything did: step past the range
+        wanted += [(lr, "edge") for lr in [_beyond(lrs, up=e.above is None)] if lr]
     o = optimum(points)
     if o:
         for neighbour in (o.lower, o.upper):
             if neighbour and max(neighbour, o.best) / min(neighbour, o.best) > within ** 2:  # half-gap > within
                 wanted.append((geo_mid(neighbour, o.best), "optimum"))
+        if o.lower is None or o.upper is None:  # the best is at an end of the range: the optimum may lie past it
+            wanted += [(lr, "optimum") for lr in [_beyond(lrs, up=o.upper is None)] if lr]
     out: list[tuple[float, str]] = []
     tried = [p.lr for p in points]
     for lr, why in wanted:
@@ -138,6 +146,15 @@ def proposals(points: list[Point], within: float = 2.0) -> list[tuple[float, str
         elif why not in out[twin][1]:
             out[twin] = (out[twin][0], f"{out[twin][1]}+{why}")
     return sorted(out)
+
+
+def _beyond(lrs: list[float], up: bool) -> float | None:
+    """The next LR past the end of the range tried, half its last gap (in log LR) beyond it: from a decade grid,
+    3.2x past; if that is past the edge too, the next round bisects to 1.8x. None with fewer than two LRs."""
+    if len(lrs) < 2:
+        return None
+    end, inner = (lrs[-1], lrs[-2]) if up else (lrs[0], lrs[1])
+    return float(f"{end * math.sqrt(end / inner):.3g}")
 
 
 def _same(a: float, b: float) -> bool:

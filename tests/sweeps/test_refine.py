@@ -47,7 +47,9 @@ def test_nothing_is_proposed_twice_or_once_precise_enough():
     assert all(abs(lr - 0.00316) > 1e-6 for lr, _ in proposals(tried))
 
 
-@pytest.mark.parametrize("best, diverges", [(1e-3, 5e-3), (2.2e-4, 7e-3), (4e-3, 4.5e-3), (1.3e-4, 3e-2)])
+# the last two: the edge above the grid's range, and the optimum below it (refinement steps past the range)
+@pytest.mark.parametrize("best, diverges", [(1e-3, 5e-3), (2.2e-4, 7e-3), (4e-3, 4.5e-3), (1.3e-4, 3e-2),
+                                            (1e-3, 2e-1), (3e-6, 5e-3)])
 def test_two_rounds_from_a_decade_grid_locate_edge_and_optimum_within_2x(best, diverges):
     pts = [_valley(lr, best, diverges) for lr in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)]
     for _ in range(2):
@@ -57,6 +59,15 @@ def test_two_rounds_from_a_decade_grid_locate_edge_and_optimum_within_2x(best, d
     lo, hi = o.bracket
     assert lo <= best <= hi and o.within <= 2
     assert len({p.lr for p in pts}) == len(pts), "no LR tried twice"
+
+
+def test_a_range_with_no_edge_or_its_best_at_an_end_is_stepped_past():
+    stable = [Point(lr, False, loss) for lr, loss in ((1e-5, 4.0), (1e-4, 2.0), (1e-3, 1.0), (1e-2, 1.5))]
+    assert proposals(stable) == [(0.000316, "optimum"), (0.00316, "optimum"), (0.0316, "edge")]
+    rising = [Point(lr, False, loss) for lr, loss in ((1e-5, 1.0), (1e-4, 2.0), (1e-3, 3.0))] + [Point(1e-2, True)]
+    assert (3.16e-6, "optimum") in proposals(rising)
+    assert proposals([Point(1e-3, True), Point(1e-2, True)]) == [(0.000316, "edge")]
+    assert proposals([Point(1e-3, False, 1.0)]) == [], "one LR: no gap to step by"
 
 
 def test_the_grid_is_handed_out_longest_trials_first():
