@@ -15,6 +15,7 @@ from typing import Any
 
 from sweeps.spec import SweepSpec
 from trainer.errors import UserError
+from trainer.methods import EXTENSIONS_ENV
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,8 @@ def _init_ray(spec: SweepSpec, address: str | None) -> None:
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {k: os.environ[k] for k in ("FINETUNE_SWEEPS_CACHE", "RAY_AUTH_MODE") if k in os.environ}
+    # EXTENSIONS_ENV: every worker imports the same method modules as this driver (trainer.methods)
+    env = {k: os.environ[k] for k in ("FINETUNE_SWEEPS_CACHE", "RAY_AUTH_MODE", EXTENSIONS_ENV) if k in os.environ}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     common = dict(log_to_driver=False, logging_level=logging.ERROR, runtime_env={"env_vars": env})
     if ray.is_initialized():

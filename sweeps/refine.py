@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 
 from sweeps import edges
 from sweeps.spec import SweepSpec
+from trainer.methods import method_cost
 
 GRID, ASK, WAIT, DONE = "grid", "ask", "wait", "done"
 PARAM = "learning_rate"
@@ -102,9 +103,7 @@ def _groups(trials, keys: list[str]) -> dict[tuple, list]:
     return out
 
 
-_COST = {"full": 0, "lora": 1, "last_layer": 2}  # slowest first: the last slot is not left with one long trial
-
-
 def _longest_first(key: tuple) -> tuple:
     values = dict(key)
-    return (_COST.get(values.get("method"), 1), values.get("batch_size") or 0, repr(key))
+    # the costliest method first (Method.cost): the last slot is not left with one long trial
+    return (-method_cost(values.get("method")), values.get("batch_size") or 0, repr(key))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from sweeps.spec import Dimension, SweepSpec
+from trainer.methods import method_cost
 
 
 # method first, so per-method ranges and `when: {method: ...}` conditions can see it
@@ -87,16 +88,13 @@ class GridSpace:
         return dict(cell)
 
 
-_METHOD_COST = {"full": 3.0, "lora": 2.0, "last_layer": 1.2}  # forward+backward per example, relative to a forward
-
-
 def longest_first(cells: list[dict[str, Any]]) -> list[int]:
     """Cell indexes, the longest trials first, so that the last slot is not left running one long trial alone
     (a makespan rule): the costlier method, more epochs, the smaller batch (more optimizer steps for the same
     examples), the lower LR (a high one is often stopped early, diverged)."""
     def cost(i: int) -> tuple:
         c = cells[i]
-        return (-_METHOD_COST.get(c.get("method"), 2.0), -(c.get("epochs") or 0), c.get("batch_size") or 0,
+        return (-method_cost(c.get("method")), -(c.get("epochs") or 0), c.get("batch_size") or 0,
                 c.get("learning_rate") or 0.0, i)
     return sorted(range(len(cells)), key=cost)
 
