@@ -130,9 +130,7 @@ def _run_hf(args, seed: int) -> dict:
 
 def _trial_config(spec, params: dict):
     """The trial's TrainConfig: the spec's fixed fields plus the sampled values (as sweeps.trial builds it)."""
-    from trainer.config import TrainConfig
-
-    return TrainConfig.model_validate({**spec.base_train(), **params})
+    return spec.base.model_copy(update=params)
 
 
 def _hf_fields(cfg) -> dict:
