@@ -157,3 +157,34 @@ def test_the_packages_import_each_other_without_cycles():
 def test_the_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_every_outcome_the_code_compares_with_is_an_outcome():
+    """``Outcome`` (sweeps/records.py) is the one list of outcomes: a literal compared with ``.outcome`` anywhere in
+    the packages (``r.outcome == "diverged"``, ``r.outcome not in ("failed", ...)``) must be one of its values."""
+    import ast
+
+    from sweeps.records import OUTCOMES
+
+    def literals(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            yield node.value
+        elif isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            for elt in node.elts:
+                yield from literals(elt)
+
+    seen, wrong = 0, []
+    for path in [*(ROOT / "sweeps").glob("*.py"), *(ROOT / "scripts").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Compare):
+                continue
+            sides = [node.left, *node.comparators]
+            if not any(isinstance(s, ast.Attribute) and s.attr == "outcome" for s in sides):
+                continue
+            for side in sides:
+                for value in literals(side):
+                    seen += 1
+                    if value not in OUTCOMES:
+                        wrong.append(f"{path.relative_to(ROOT)}:{node.lineno}: {value!r}")
+    assert seen > 10, "the test sees the comparisons"
+    assert not wrong, "not an Outcome: " + "; ".join(wrong)
