@@ -11,6 +11,30 @@ from pathlib import Path
 from typing import Any
 
 from sweeps.records import HISTORY_KEYS, NOT_SETTINGS, Status, TrialRecord, error_lines, read_stops, trial_outcome
+from trainer.errors import UserError
+
+
+def load_folder(folder: str | Path) -> tuple[list[TrialRecord], Path]:
+    """``(records, folder)`` of a sweep folder (its trials.json, else the raw trial folders), classified with the
+    current rules and the sweep's own thresholds; what ``sweeps/report.py``, the export and an MLflow experiment
+    whose sweep folder is on this machine read."""
+    from sweeps.classify import classify_all
+    from sweeps.records import load_records
+
+    path = Path(folder)
+    records = load_records(path / "trials.json") if (path / "trials.json").is_file() else collect_records(path)
+    if not records:
+        raise UserError(f"{folder}: no trials found in this folder")
+    classify_all(records, sweep_thresholds(path))
+    return records, path
+
+
+def sweep_thresholds(sweep_dir: Path):
+    """The curve thresholds of the sweep's own spec (its spec.json); the defaults without one."""
+    from trainer.curves import Thresholds
+
+    divergence = _json(Path(sweep_dir) / "spec.json").get("spec", {}).get("pruning", {}).get("divergence", {})
+    return Thresholds(**{k: float(divergence[k]) for k in ("factor", "spike") if k in divergence})
 
 
 def collect_records(sweep_dir: Path) -> list[TrialRecord]:

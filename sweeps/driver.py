@@ -15,6 +15,7 @@ from typing import Any
 
 from sweeps.spec import SweepSpec
 from trainer.errors import UserError
+from trainer.methods import EXTENSIONS_ENV
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,6 @@ def _check_resume(spec: SweepSpec, sweep_dir: Path, resume: bool) -> bool:
 
 def _preflight_data(spec: SweepSpec) -> None:
     """Read the data and the model before Ray starts: bad input fails in seconds, with nothing written."""
-    from trainer.config import TrainConfig
     from trainer.data import load_records, split_records, tokenize
     from trainer.models import load_tokenizer, resolve_model_dir
 
@@ -120,7 +120,7 @@ def _preflight_data(spec: SweepSpec) -> None:
         train = load_records(spec.data.train)
     except UserError as exc:
         raise UserError(f"{spec.source}: data.train: {exc}") from None
-    base = TrainConfig.model_validate(spec.base_train())  # resolves the eval source, as every trial will
+    base = spec.base  # the eval source resolved, as every trial has it
     try:
         train_part, ev = split_records(train, base.eval_data, base.eval_fraction)
     except UserError as exc:
@@ -137,7 +137,8 @@ def _init_ray(spec: SweepSpec, address: str | None) -> None:
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {k: os.environ[k] for k in ("FINETUNE_SWEEPS_CACHE", "RAY_AUTH_MODE") if k in os.environ}
+    # EXTENSIONS_ENV: every worker imports the same method modules as this driver (trainer.methods)
+    env = {k: os.environ[k] for k in ("FINETUNE_SWEEPS_CACHE", "RAY_AUTH_MODE", EXTENSIONS_ENV) if k in os.environ}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     common = dict(log_to_driver=False, logging_level=logging.ERROR, runtime_env={"env_vars": env})
     if ray.is_initialized():
@@ -219,10 +220,9 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, writer, resume: bool):
     from sweeps.pruning import PruningSearch, make_pruner
     from sweeps.space import DefineByRun, GridSpace, make_sampler, n_trials
     from sweeps.trial import run_trial
-    from trainer.config import TrainConfig
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    base = TrainConfig.model_validate(spec.base_train())
+    base = spec.base
     total_examples = base.max_steps * base.examples_per_step if base.max_steps else None
     if total_examples is None:
         from trainer.data import run_records
@@ -230,7 +230,7 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, writer, resume: bool):
         total_examples = math.ceil(base.epochs * len(run_records(base)[0]))  # after the held-out split
     failure = spec.failure
     trainable = tune.with_parameters(
-        run_trial, base=spec.base_train(), metrics=spec.search.metrics, checkpoint_every=failure.checkpoint_every,
+        run_trial, base=base, metrics=spec.search.metrics, checkpoint_every=failure.checkpoint_every,
         stall_s=failure.stall_s, setup_s=failure.setup_s,
     )
     resources = _ResourcesFor(spec)
@@ -238,7 +238,8 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, writer, resume: bool):
     n_total = n_trials(spec)
     refiner, n_refine = None, 0
     if spec.search.refine:
-        from sweeps.refine import Refiner, max_refinement
+        from sweeps.refine import Refiner
+        from sweeps.space import max_refinement
 
         refiner, n_refine = Refiner(spec, n_total), max_refinement(spec, n_total)
     storage = optuna.storages.RDBStorage(f"sqlite:///{sweep_dir / 'optuna.db'}")

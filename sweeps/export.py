@@ -26,8 +26,9 @@ import yaml
 from trainer.errors import UserError, cli_errors, prog_name
 
 
-def trial_config(record, sweep_dir: Path) -> dict:
-    """The trial's full TrainConfig fields (the sweep's fixed settings plus the sampled values)."""
+def trial_config(record, sweep_dir: Path):
+    """The trial's TrainConfig (the sweep's fixed settings plus the sampled values), validated once: a finished
+    sweep is read back from its files, which is a boundary like the spec's YAML."""
     from sweeps.records import NOT_SETTINGS
     from sweeps.spec import SweepSpec
     from trainer.config import TrainConfig
@@ -35,7 +36,7 @@ def trial_config(record, sweep_dir: Path) -> dict:
     spec_file = Path(sweep_dir) / "spec.json"
     base = SweepSpec.model_validate(json.loads(spec_file.read_text())["spec"]).base_train() if spec_file.is_file() else {}
     merged = {**base, **{k: v for k, v in record.config.items() if k not in NOT_SETTINGS}}
-    return TrainConfig.model_validate(merged).model_dump(mode="json")
+    return TrainConfig.model_validate(merged)
 
 
 # nats of reference-text NLL change above which a plain export warns: exp(0.5) = 1.65x the base model's perplexity
@@ -139,14 +140,14 @@ def _describe(r) -> str:
            f"forgetting {r.final.get('forgetting', float('nan')):+.2f}"
 
 
-def export(record, cfg: dict, out: Path, *, sweep: str, sweep_dir: Path, metric: str, rule: str) -> list[Path]:
+def export(record, tc, out: Path, *, sweep: str, sweep_dir: Path, metric: str, rule: str) -> list[Path]:
+    """Write the export files of ``record``, whose TrainConfig is ``tc`` (``trial_config``)."""
     from sweeps.tracking import scrub
-    from trainer.config import TrainConfig
     from trainer.data import run_records
     from trainer.methods import get_method
     from trainer.outputs import provenance
 
-    tc = TrainConfig.model_validate(cfg)
+    cfg = tc.model_dump(mode="json")
     try:
         n_train = len(run_records(tc)[0])  # the steps HF counts warmup in, and OpenAI's whole epochs, need it
     except UserError as exc:
@@ -219,15 +220,15 @@ def main(argv: list[str] | None = None) -> int:
     if not (sweep_dir / "spec.json").is_file():
         raise UserError(f"{args.sweep}: the sweep folder is not on this machine; export needs it (its spec.json)")
     best = pick(records, metric=args.metric, mode=args.mode, method=args.method, max_forgetting=args.max_forgetting)
-    cfg = trial_config(best, sweep_dir)
+    tc = trial_config(best, sweep_dir)
     out = Path(args.out) if args.out else sweep_dir / "export"
     metric = args.metric or "objective (the sweep's search.metric)"
     rule = rule_text(args.metric or "objective", args.mode, args.method, args.max_forgetting)
-    paths = export(best, cfg, out, sweep=sweep_dir.name, sweep_dir=sweep_dir, metric=metric, rule=rule)
+    paths = export(best, tc, out, sweep=sweep_dir.name, sweep_dir=sweep_dir, metric=metric, rule=rule)
     forgetting = best.final.get("forgetting")
     shown = f"  forgetting={forgetting:+.3f}" if isinstance(forgetting, (int, float)) else ""
-    print(f"best trial {best.trial_id}: {cfg['method']} lr={cfg['learning_rate']:.3g} bs={cfg['batch_size']} "
-          f"epochs={cfg['epochs']}  {metric}={best.objective:.4f}{shown}")
+    print(f"best trial {best.trial_id}: {tc.method} lr={tc.learning_rate:.3g} bs={tc.batch_size} "
+          f"epochs={tc.epochs}  {metric}={best.objective:.4f}{shown}")
     print(f"chosen by:  {rule}")
     for p in paths:
         print(f"  wrote {p}")

@@ -240,12 +240,14 @@ def changes_figure(records, out: Path) -> Path:
     return _save(fig, out)
 
 
-_METHOD_COLORS = {"full": "#1f77b4", "lora": "#e76f51", "last_layer": "#2a9d8f"}
 _LR_MARKERS = "o^sDvP*Xh<>p"
 
 
 def _method_color(method: str, index: int) -> str:
-    return _METHOD_COLORS.get(method, plt.get_cmap("tab10")(index % 10))
+    from trainer.methods import METHODS
+
+    own = METHODS[method].color if method in METHODS else None
+    return own or plt.get_cmap("tab10")(index % 10)
 
 
 def _steps(front) -> tuple[list[float], list[float]]:

@@ -20,8 +20,6 @@ def records_from_experiment(name: str, uri: str | None = None):
     """``(records, folder_or_name)`` for the sweep logged as MLflow experiment ``name``."""
     from mlflow.tracking import MlflowClient
 
-    from sweeps.report import load_sweep
-
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('sweeps_out').resolve() / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(name)
@@ -31,7 +29,9 @@ def records_from_experiment(name: str, uri: str | None = None):
     parents = [r for r in runs if r.data.tags.get("role") == "sweep"]
     folder = parents[0].data.tags.get("sweep_dir") if parents else None
     if folder and Path(folder).is_dir():
-        return load_sweep(folder)
+        from sweeps.collect import load_folder
+
+        return load_folder(folder)
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     if not children:
         raise UserError(f"{name}: the MLflow experiment has no trial runs")

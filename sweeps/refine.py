@@ -16,33 +16,16 @@ LR already in a group (finished, running or waiting) is never proposed again.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from optuna.trial import TrialState
 
 from sweeps import edges
+from sweeps.space import group_key
 from sweeps.spec import SweepSpec
+from trainer.methods import method_cost
 
 GRID, ASK, WAIT, DONE = "grid", "ask", "wait", "done"
 PARAM = "learning_rate"
-
-
-def max_refinement(spec: SweepSpec, n_grid: int) -> int:
-    """An upper bound on refinement trials: each group, each round, an edge point and the optimum's two sides."""
-    refine = spec.search.refine
-    if refine is None:
-        return 0
-    from sweeps.space import grid_cells
-
-    keys = [k for k in spec.space if k != PARAM]
-    groups = {group_key(c, keys) for c in grid_cells(spec)[:n_grid]}
-    bound = len(groups) * refine.rounds * 3
-    return min(bound, refine.max_trials) if refine.max_trials else bound
-
-
-def group_key(values: dict[str, Any], keys: list[str]) -> tuple:
-    """The group a trial belongs to: its values of the space's dimensions other than the learning rate."""
-    return tuple((k, values[k]) for k in keys if k in values)
 
 
 class Refiner:
@@ -102,9 +85,7 @@ def _groups(trials, keys: list[str]) -> dict[tuple, list]:
     return out
 
 
-_COST = {"full": 0, "lora": 1, "last_layer": 2}  # slowest first: the last slot is not left with one long trial
-
-
 def _longest_first(key: tuple) -> tuple:
     values = dict(key)
-    return (_COST.get(values.get("method"), 1), values.get("batch_size") or 0, repr(key))
+    # the costliest method first (Method.cost): the last slot is not left with one long trial
+    return (-method_cost(values.get("method")), values.get("batch_size") or 0, repr(key))

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.errors import UserError, cli_errors, prog_name
+from trainer.errors import cli_errors, prog_name
 
 
 @dataclass
@@ -54,37 +54,13 @@ def build_report(records, out_dir: Path, *, title: str, links: dict[str, str] | 
 
 def load_sweep(target: str):
     """Records of a sweep folder (trials.json, or the raw trial folders) or of an MLflow experiment name."""
-    from sweeps.classify import classify_all
-    from sweeps.records import load_records
+    if Path(target).is_dir():
+        from sweeps.collect import load_folder
 
-    path = Path(target)
-    if path.is_dir():
-        if (path / "trials.json").is_file():
-            records = load_records(path / "trials.json")
-        else:
-            from sweeps.collect import collect_records  # pulls in ray and torch (seconds): only without trials.json
-
-            records = collect_records(path)
-        if not records:
-            raise UserError(f"{target}: no trials found in this folder")
-        classify_all(records, sweep_thresholds(path))  # always with the current rules and the spec's thresholds
-        return records, path
+        return load_folder(target)
     from sweeps.mlflow_records import records_from_experiment
 
     return records_from_experiment(target)
-
-
-def sweep_thresholds(sweep_dir: Path):
-    """The curve thresholds of the sweep's own spec (its spec.json); the defaults without one."""
-    import json
-
-    from trainer.curves import Thresholds
-
-    saved = Path(sweep_dir) / "spec.json"
-    if not saved.is_file():
-        return Thresholds()
-    divergence = json.loads(saved.read_text()).get("spec", {}).get("pruning", {}).get("divergence", {})
-    return Thresholds(**{k: float(divergence[k]) for k in ("factor", "spike") if k in divergence})
 
 
 @cli_errors

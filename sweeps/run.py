@@ -40,9 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         from sweeps.space import describe
 
         print(describe(spec))
-        from trainer.config import TrainConfig
-
-        print(TrainConfig.model_validate(spec.base_train()).eval_plan())
+        print(spec.base.eval_plan())
         print(f"sweep folder: {spec.sweep_dir()}")
         return 0
     from trainer.quiet import quiet_libraries

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from sweeps.spec import Dimension, SweepSpec
+from trainer.methods import method_cost
 
 
 # method first, so per-method ranges and `when: {method: ...}` conditions can see it
@@ -87,36 +88,32 @@ class GridSpace:
         return dict(cell)
 
 
-_METHOD_COST = {"full": 3.0, "lora": 2.0, "last_layer": 1.2}  # forward+backward per example, relative to a forward
-
-
 def longest_first(cells: list[dict[str, Any]]) -> list[int]:
     """Cell indexes, the longest trials first, so that the last slot is not left running one long trial alone
     (a makespan rule): the costlier method, more epochs, the smaller batch (more optimizer steps for the same
     examples), the lower LR (a high one is often stopped early, diverged)."""
     def cost(i: int) -> tuple:
         c = cells[i]
-        return (-_METHOD_COST.get(c.get("method"), 2.0), -(c.get("epochs") or 0), c.get("batch_size") or 0,
+        return (-method_cost(c.get("method")), -(c.get("epochs") or 0), c.get("batch_size") or 0,
                 c.get("learning_rate") or 0.0, i)
     return sorted(range(len(cells)), key=cost)
 
 
-def corner_configs(spec: SweepSpec) -> list[tuple[str, dict[str, Any]]]:
-    """Values to check against TrainConfig before anything runs: each categorical value and range end."""
-    out: list[tuple[str, dict[str, Any]]] = [("train", {})]
-    for name, dim in spec.space.items():
-        if dim.values is not None:
-            out.extend((f"space.{name}={v!r}", {name: v}) for v in dim.values)
-            continue
-        ranges = list((dim.per_method or {}).items())
-        if dim.low is not None:
-            ranges.append((None, dim.range_for(None)))
-        for method, rng in ranges:
-            extra = {"method": method} if method else {}
-            for end in (rng.low, rng.high):
-                value = int(end) if rng.integer else end
-                out.append((f"space.{name}={value!r}" + (f" (method {method})" if method else ""), {name: value, **extra}))
-    return out
+def max_refinement(spec: SweepSpec, n_grid: int) -> int:
+    """An upper bound on refinement trials (``sweeps.refine``): each group, each round, an edge point and the
+    optimum's two sides."""
+    refine = spec.search.refine
+    if refine is None:
+        return 0
+    keys = [k for k in spec.space if k != "learning_rate"]
+    groups = {group_key(c, keys) for c in grid_cells(spec)[:n_grid]}
+    bound = len(groups) * refine.rounds * 3
+    return min(bound, refine.max_trials) if refine.max_trials else bound
+
+
+def group_key(values: dict[str, Any], keys: list[str]) -> tuple:
+    """The group a trial belongs to: its values of the space's dimensions other than the learning rate."""
+    return tuple((k, values[k]) for k in keys if k in values)
 
 
 def n_trials(spec: SweepSpec) -> int:
@@ -139,8 +136,6 @@ def describe(spec: SweepSpec) -> str:
             lines.append("  ".join(f"{_fmt(v):>14}" for v in [i, *(cells[i].get(k, "-") for k in keys)]))
         refine = spec.search.refine
         if refine:
-            from sweeps.refine import max_refinement
-
             group = ", ".join(k for k in spec.space if k != "learning_rate") or "the sweep"
             lines.append(
                 f"refinement: then up to {refine.rounds} round(s) per {group}: bisect where the training loss starts to "

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import re
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -101,6 +102,22 @@ class Dimension(BaseModel):
         if self.low is None:
             raise ValueError(f"no range for method {method!r}")
         return Range(low=self.low, high=self.high, log=self.log, integer=self.integer, grid=self.grid)
+
+    def corners(self, name: str) -> list[tuple[str, dict[str, Any]]]:
+        """What ``load_spec`` checks against TrainConfig, once: each value of a list, each end of each range (a
+        field's own bounds, gt=0 and the like, then hold for every value between two ends), as ``(where, values)``."""
+        if self.values is not None:
+            return [(f"space.{name}={v!r}", {name: v}) for v in self.values]
+        ranges: list[tuple[str | None, Range]] = list((self.per_method or {}).items())
+        if self.low is not None:
+            ranges.append((None, self.range_for(None)))
+        out = []
+        for method, rng in ranges:
+            extra = {"method": method} if method else {}
+            for end in (rng.low, rng.high):
+                value = int(end) if rng.integer else end
+                out.append((f"space.{name}={value!r}" + (f" (method {method})" if method else ""), {name: value, **extra}))
+        return out
 
 
 Mode = Literal["min", "max"]
@@ -311,8 +328,14 @@ class SweepSpec(BaseModel):
         dim = self.space.get("method")
         return list(dim.values) if dim and dim.values else [self.train.get("method", TrainConfig().method)]
 
+    @cached_property
+    def base(self) -> TrainConfig:
+        """The fixed settings every trial shares, typed. ``load_spec`` has checked them with every value of the space,
+        so a trial is ``spec.base.model_copy(update=sampled)``, with no second validation."""
+        return TrainConfig.model_validate(self.base_train())
+
     def base_train(self) -> dict[str, Any]:
-        """The fixed trainer fields every trial shares (before the sampled values)."""
+        """The fixed trainer fields every trial shares (before the sampled values), as a dict."""
         return {
             **self.train,
             "model": self.model,
@@ -370,16 +393,19 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
 
 
 def _check_trials_validate(spec: SweepSpec, source: str) -> None:
-    """Every categorical value and range end must make a valid TrainConfig with the fixed settings."""
-    from sweeps.space import corner_configs
-
+    """Every categorical value and range end must make a valid TrainConfig with the fixed settings, as written:
+    trials copy the sampled values into ``spec.base`` unconverted (a quoted "0.001" would stay a string)."""
+    corners = [("train", {})] + [corner for name, dim in spec.space.items() for corner in dim.corners(name)]
     problems = []
-    for where, values in corner_configs(spec):
+    for where, values in corners:
         try:
-            TrainConfig.model_validate({**spec.base_train(), **values})
+            cfg = TrainConfig.model_validate({**spec.base_train(), **values})
         except ValidationError as exc:
             for line in validation_message(exc, source).splitlines()[1:]:
                 problems.append(f"{line.strip()[2:]} [in {where}]")
+            continue
+        problems.extend(f"{key}: the trainer reads {v!r} as {getattr(cfg, key)!r}; write that [in {where}]"
+                        for key, v in values.items() if getattr(cfg, key) != v)
     if problems:
         unique = list(dict.fromkeys(problems))
         raise UserError(f"{source}: {len(unique)} problem(s) in the configuration:\n" + "\n".join(f"  - {p}" for p in unique))

@@ -17,6 +17,7 @@ from itertools import combinations
 
 from sweeps.analysis import methods
 from sweeps.records import TrialRecord
+from trainer.methods import METHODS
 
 SAME = 0.01  # nats: forgetting differences below this are read as "the same"
 
@@ -80,8 +81,9 @@ def label(r: TrialRecord, keys: list[str] | None = None) -> str:
     """'full lr 1e-3 bs 8' with the other searched settings that vary (``keys``)."""
     parts = [r.method, f"lr {lr_text(r.learning_rate)}"]
     short = {"batch_size": "bs", "epochs": "epochs", "lora_r": "r"}
+    others = {k for m in METHODS.values() if m.name != r.method for k in m.settings}  # settings r's method ignores
     for key in keys or []:
-        if key == "lora_r" and r.method != "lora":
+        if key in others:
             continue
         if r.config.get(key) is not None:
             parts.append(f"{short.get(key, key)} {_g(r.config[key])}")

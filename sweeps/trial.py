@@ -1,6 +1,6 @@
 """The Ray Tune trial: one process runs one ``trainer.train``.
 
-The first line turns Ray's dict into a typed ``TrainConfig``. Reports go to
+The first line copies the sampled values into the spec's typed ``TrainConfig``. Reports go to
 ``ray.tune.report``; every ``checkpoint_every`` reports the trainer's state
 (trainable weights, optimizer, position in the data; for LoRA only the adapter)
 is attached, so a retried trial resumes where it was. A stall watchdog
@@ -30,12 +30,15 @@ def objective_keys(metrics: list[str]) -> list[str]:
 
 
 def run_trial(
-    config: dict[str, Any], *, base: dict[str, Any], metrics: list[str], checkpoint_every: int,
+    config: dict[str, Any], *, base: TrainConfig, metrics: list[str], checkpoint_every: int,
     stall_s: float | None = None, setup_s: float = 0.0,
 ) -> None:
-    """Ray Tune function trainable (bound with ``tune.with_parameters``); ``stall_s`` None: no watchdog."""
+    """Ray Tune function trainable (bound with ``tune.with_parameters``); ``stall_s`` None: no watchdog.
+
+    ``base`` is the spec's ``base``: validated once, with every value and range end of the space, when the spec
+    was loaded; so the sampled values are copied in, not validated again."""
     sampled = {k: v for k, v in config.items() if k not in NOT_SETTINGS}  # the search's bookkeeping, not trainer fields
-    cfg = TrainConfig.model_validate({**base, **sampled})
+    cfg = base.model_copy(update=sampled)
     threads = _trial_cpus()
     if cfg.threads is None and threads:
         cfg = cfg.model_copy(update={"threads": threads})

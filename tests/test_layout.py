@@ -93,3 +93,98 @@ def test_the_documented_file_commands_still_run():
 def test_no_package_sets_sys_path():
     for path in [*(ROOT / "sweeps").glob("*.py"), *(ROOT / "trainer").glob("*.py")]:
         assert "sys.path" not in path.read_text(), path
+
+
+def _project_imports() -> dict[str, set[str]]:
+    """Module -> the project modules it imports, at any level (inside functions too): ``import a.b``,
+    ``from a import b`` (a module or a name of one), ``from a.b import c`` and relative imports."""
+    import ast
+
+    modules = {f"{p.parent.name}.{p.stem}": p for pkg in ("sweeps", "trainer") for p in (ROOT / pkg).glob("*.py")}
+    modules = {name.removesuffix(".__init__"): path for name, path in modules.items()}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.stem == "__init__" else name.rpartition(".")[0]
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from . import x, from .x import y
+                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([base] if base else []))
+                found.add(base)
+                found.update(f"{base}.{a.name}" for a in node.names)
+        graph[name] = {m for m in found if m in modules and m != name and m not in ("sweeps", "trainer")}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle (as a path that returns to its start), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = 2
+        path.pop()
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start)):
+            return found
+    return None
+
+
+def test_the_packages_import_each_other_without_cycles():
+    """Each module's project imports, deferred ones inside functions included, form no cycle: a module that two
+    others need lives below both (``records``: the trial vocabulary; ``spec``: a space's own corners)."""
+    graph = _project_imports()
+    assert {"sweeps.spec", "sweeps.space", "sweeps.report", "trainer.config"} <= set(graph)
+    assert "sweeps.spec" in graph["sweeps.space"], "the graph sees imports"
+    assert "sweeps.collect" in graph["sweeps.report"], "and the ones inside functions"
+    cycle = _cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_every_outcome_the_code_compares_with_is_an_outcome():
+    """``Outcome`` (sweeps/records.py) is the one list of outcomes: a literal compared with ``.outcome`` anywhere in
+    the packages (``r.outcome == "diverged"``, ``r.outcome not in ("failed", ...)``) must be one of its values."""
+    import ast
+
+    from sweeps.records import OUTCOMES
+
+    def literals(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            yield node.value
+        elif isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            for elt in node.elts:
+                yield from literals(elt)
+
+    seen, wrong = 0, []
+    for path in [*(ROOT / "sweeps").glob("*.py"), *(ROOT / "scripts").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Compare):
+                continue
+            sides = [node.left, *node.comparators]
+            if not any(isinstance(s, ast.Attribute) and s.attr == "outcome" for s in sides):
+                continue
+            for side in sides:
+                for value in literals(side):
+                    seen += 1
+                    if value not in OUTCOMES:
+                        wrong.append(f"{path.relative_to(ROOT)}:{node.lineno}: {value!r}")
+    assert seen > 10, "the test sees the comparisons"
+    assert not wrong, "not an Outcome: " + "; ".join(wrong)

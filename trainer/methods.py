@@ -5,6 +5,14 @@ and the report never branch on a method's name; adding a method is one
 ``register(...)`` call and one test case (the tests are parametrized over
 ``METHODS``). Registration order is the order the map and the report show them.
 
+A method of your own lives in a module of yours that calls ``register(...)``;
+name it in ``$FINETUNE_SWEEPS_METHODS`` (comma-separated module paths, e.g.
+``FINETUNE_SWEEPS_METHODS=my_methods``). Importing this registry imports those
+modules, so every process that reads ``METHODS`` sees them: the driver before
+the spec is validated, and every Ray worker (the driver passes the variable in
+its runtime env) before a trial's config is. The module must be importable
+there (installed, or on ``PYTHONPATH``); ``tests/toy_method.py`` is an example.
+
 What each method trains:
 
 - ``full``: every parameter. SmolLM2 ties ``lm_head`` to the input embeddings,
@@ -19,6 +27,8 @@ What each method trains:
 """
 from __future__ import annotations
 
+import importlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +49,12 @@ class Method:
     peft_args: Callable[[object], dict[str, Any]] | None = None
     """For a method that trains a PEFT adapter: ``peft.LoraConfig(**peft_args(cfg))`` (or the method's own PEFT
     config class) is the adapter it trains. The export writes the same dict as ``<name>_config.json``."""
+    settings: tuple[str, ...] = ()
+    """The TrainConfig fields only this method reads (``lora_r``...): labels show them only on its trials."""
+    cost: float = 2.0
+    """Compute per training example relative to a forward pass: the grid starts the costliest trials first."""
+    color: str | None = None
+    """Its colour in the figures (None: one from matplotlib's cycle)."""
 
     @property
     def saves_adapter(self) -> bool:
@@ -64,6 +80,31 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
+def method_cost(name: str | None) -> float:
+    """``Method.cost`` of a method by name; a name not registered (a record of another install) counts as 2."""
+    method = METHODS.get(name) if name else None
+    return method.cost if method else 2.0
+
+
+EXTENSIONS_ENV = "FINETUNE_SWEEPS_METHODS"
+
+
+def load_extensions(modules: str | None = None) -> list[str]:
+    """Import the method modules named in ``modules`` (default ``$FINETUNE_SWEEPS_METHODS``); their names.
+
+    Importing is what registers their methods; a module already imported is not run again."""
+    from trainer.errors import UserError
+
+    names = [m.strip() for m in (os.environ.get(EXTENSIONS_ENV, "") if modules is None else modules).split(",") if m.strip()]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise UserError(f"${EXTENSIONS_ENV}: cannot import method module {name!r} ({exc}); it must be importable "
+                            "(installed, or on PYTHONPATH) in the driver and in every Ray worker") from None
+    return names
+
+
 def trainable_summary(model: nn.Module) -> dict[str, float]:
     """Trainable parameter count and fraction of all parameters (peft's base weights included)."""
     total = sum(p.numel() for p in model.parameters())
@@ -84,7 +125,7 @@ def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in model.named_parameters()}
 
 
-register(Method("full", _full_prepare, _plain_state))
+register(Method("full", _full_prepare, _plain_state, cost=3.0, color="#1f77b4"))
 
 
 # --- lora ---------------------------------------------------------------------
@@ -121,7 +162,8 @@ def _lora_effective_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-register(Method("lora", _lora_prepare, _lora_effective_state, peft_args=_lora_args))
+register(Method("lora", _lora_prepare, _lora_effective_state, peft_args=_lora_args,
+                settings=("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"), cost=2.0, color="#e76f51"))
 
 
 # --- last_layer ---------------------------------------------------------------
@@ -152,4 +194,9 @@ def _last_layer_prepare(model: nn.Module, cfg) -> nn.Module:
     return model
 
 
-register(Method("last_layer", _last_layer_prepare, _plain_state))
+register(Method("last_layer", _last_layer_prepare, _plain_state, settings=("last_layers",), cost=1.2, color="#2a9d8f"))
+
+
+# Last: the methods of $FINETUNE_SWEEPS_METHODS, registered after the built-in ones (so shown after them). They may
+# import this module: it is complete by now.
+load_extensions()

@@ -130,18 +130,17 @@ def _run_hf(args, seed: int) -> dict:
 
 def _trial_config(spec, params: dict):
     """The trial's TrainConfig: the spec's fixed fields plus the sampled values (as sweeps.trial builds it)."""
-    from trainer.config import TrainConfig
-
-    return TrainConfig.model_validate({**spec.base_train(), **params})
+    return spec.base.model_copy(update=params)
 
 
-def _hf_fields(cfg) -> dict:
-    """TrainingArguments fields that follow the trial's TrainConfig (the rest are fixed in _hf_search)."""
-    return {"learning_rate": cfg.learning_rate, "per_device_train_batch_size": cfg.batch_size,
-            "gradient_accumulation_steps": cfg.grad_accum, "num_train_epochs": cfg.epochs,
-            "max_steps": cfg.max_steps or -1, "lr_scheduler_type": cfg.scheduler,
-            "warmup_steps": cfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the steps
-            "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm or 0.0, "seed": cfg.seed}
+def _hf_fields(cfg, n_train: int) -> dict:
+    """TrainingArguments fields that follow the trial's TrainConfig: the export's conversion (the one function that
+    maps a TrainConfig to HF), less its optimizer: this benchmark runs HF's default one (and reports which)."""
+    from sweeps.export import hf_training_args
+
+    fields = hf_training_args(cfg, n_train)
+    fields.pop("optim")
+    return fields
 
 
 def _hf_data(cfg, tokenizer):
@@ -176,7 +175,7 @@ def _hf_search(spec_path: str, n_trials: int, seed: int, tmp: str) -> dict:
 
     def hp_space(trial) -> dict:
         space(trial)  # the sweep's own suggest_* calls; method, lora_r, ... are read back in model_init
-        return _hf_fields(_trial_config(spec, trial.params))
+        return _hf_fields(_trial_config(spec, trial.params), len(train_ds))
 
     def model_init(trial):
         if trial is not None:  # transformers 5 calls model_init before hp_space: suggest here (Optuna repeats the values)
@@ -186,10 +185,9 @@ def _hf_search(spec_path: str, n_trials: int, seed: int, tmp: str) -> dict:
         return get_method(cfg.method).prepare(model, cfg)
 
     targs = TrainingArguments(
-        output_dir=str(Path(tmp) / "hf_out"), **_hf_fields(base),
+        output_dir=str(Path(tmp) / "hf_out"), **_hf_fields(base, len(train_ds)),  # NaN losses shown, as ours
         per_device_eval_batch_size=len(eval_ds),  # one batch: HF's eval_loss is then the mean over all completion tokens
         label_names=["labels"],  # a peft-wrapped model hides `labels` from HF's signature sniffing
-        logging_nan_inf_filter=False,  # the default hides NaN losses; never compare against that
         report_to=[], save_strategy="no", eval_strategy="no", logging_strategy="no", disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, remove_unused_columns=False,
     )
