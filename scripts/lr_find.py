@@ -171,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else Path(spec.output_dir) / f"lr_find-{spec.name}"
     out.mkdir(parents=True, exist_ok=True)
     print(f"ramp {args.start:.0e} .. {args.end:.0e} in {steps} steps ({(steps - 1) / math.log10(args.end / args.start):.1f} a decade)")
-    fmt = lambda v: f"{v:.1e}" if v else "-"
+
+    def fmt(v):
+        return f"{v:.1e}" if v else "-"
+
     print(f"{'method':<12}{'steps':>6}{'time':>7}  {'reads from':>10}{'steepest':>9}{'minimum':>9}{'diverged':>9}"
           f"   proposed bounds    decades{'   best  inside' if best else ''}   ending")
     results, t0 = [], time.perf_counter()
