@@ -36,10 +36,6 @@ _QUIET_RAY = {
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     "RAY_DEDUP_LOGS": "0",
     "MLFLOW_LOGGING_LEVEL": "WARNING",  # not "Creating initial MLflow database tables..."
-    # Ray saves the sweep's state (what --resume restores) at most this often; "auto" waits 10 s or more, and a
-    # driver killed hard (SIGKILL, the OOM killer) loses trials that finished since: the study has them, the
-    # report would not. Our state is a few KB, so every 2 s costs nothing
-    "TUNE_GLOBAL_CHECKPOINT_S": "2",
 }
 
 
