@@ -154,7 +154,7 @@ def _beyond(lrs: list[float], up: bool) -> float | None:
     if len(lrs) < 2:
         return None
     end, inner = (lrs[-1], lrs[-2]) if up else (lrs[0], lrs[1])
-    return float(f"{end * math.sqrt(end / inner):.3g}")
+    return geo_mid(end, end * end / inner)  # the midpoint of the end and its mirror image of ``inner``
 
 
 def _same(a: float, b: float) -> bool:
