@@ -7,8 +7,9 @@
     python -m trainer.train sweeps_out/lr-instability/export/best.yaml
 
 Writes best.yaml (a trainer config that saves the model or adapter), the same
-settings as Hugging Face TrainingArguments and, for an adapter method, its PEFT config JSON (each loads
-with ``Cls(**json.load(f))``), OpenAI fine-tuning hyperparameters, and
+settings as Hugging Face TrainingArguments, the model's loading arguments (dtype, attention; for a 4-bit base
+its BitsAndBytesConfig) and, for an adapter method, its PEFT config JSON (each loads with ``Cls(**json.load(f))``),
+OpenAI fine-tuning hyperparameters, and
 provenance, which records the rule that chose the trial. Pruned, diverged and
 failed trials are never exported. A plain export warns when the trial it picks
 forgets more than FORGETTING_BOUND nats and names the best trial within it.
@@ -159,6 +160,11 @@ def export(record, tc, out: Path, *, sweep: str, sweep_dir: Path, metric: str, r
     method = get_method(tc.method)
     if method.peft_args is not None:  # the adapter's PEFT config, as the trial built it
         files[f"{method.name}_config.json"] = json.dumps(method.peft_args(tc), indent=2)
+    files["model_kwargs.json"] = json.dumps(model_kwargs(tc), indent=2)
+    if tc.quantization:  # transformers.BitsAndBytesConfig(**this): the 4-bit base the trial trained on
+        from trainer.models import bnb_config
+
+        files["bnb_config.json"] = json.dumps(bnb_config(tc.dtype, as_dict=True), indent=2)
     files["openai.json"] = json.dumps(openai_hyperparameters(tc, n_train), indent=2)
     prov = provenance()
     files["provenance.json"] = json.dumps({
@@ -181,8 +187,18 @@ def hf_training_args(tc, n_train: int) -> dict:
         "lr_scheduler_type": tc.scheduler, "weight_decay": tc.weight_decay,
         "max_grad_norm": tc.max_grad_norm or 0.0, "seed": tc.seed, "optim": "adamw_torch_fused",
         "logging_nan_inf_filter": False,  # HF hides NaN losses in its logs by default
+        **({"optim": "adamw_bnb_8bit"} if tc.optimizer == "adamw_8bit" else {}),
+        **({"bf16": True} if tc.dtype == "bfloat16" else {}),
+        **({"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": False}}
+           if tc.gradient_checkpointing else {}),
         **({"max_steps": tc.max_steps} if tc.max_steps else {"num_train_epochs": tc.epochs}),
     }
+
+
+def model_kwargs(tc) -> dict:
+    """``AutoModelForCausalLM.from_pretrained(model, **this)`` loads the model as the trial did (with
+    ``quantization_config=BitsAndBytesConfig(**bnb_config.json)`` for a 4-bit base)."""
+    return {"dtype": tc.dtype, "attn_implementation": tc.attn_implementation}
 
 
 def openai_hyperparameters(tc, n_train: int) -> dict:

@@ -60,4 +60,6 @@ def _key(fingerprint: str, train_ex, eval_ex, cfg) -> str:
             h.update(repr((ex.input_ids, ex.target)).encode())
         h.update(b"|")
     h.update(f"{cfg.memorization}:{cfg.forgetting}:{cfg.dtype}".encode())
+    if cfg.quantization:  # a 4-bit base computes other figures (kept out of the key otherwise: caches stay valid)
+        h.update(cfg.quantization.encode())
     return h.hexdigest()[:24]

@@ -25,7 +25,14 @@ class TrainConfig(BaseModel):
     model: str = "smollm2-135m"
     """A preset (``smollm2-135m``, ``tiny``), a local model directory, or a hub id already in the local HF cache."""
     trust_remote_code: bool = False  # off unless asked for: it runs code shipped with the model
-    dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16 autocast only on GPU; CPU trains in float32
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """The weights' dtype: bfloat16 loads them in bf16 (half the memory, on the CPU too; a GPU also autocasts the
+    activations). LoRA adapters stay float32 (peft)."""
+    quantization: Literal["4bit"] | None = None
+    """4bit: the frozen base in bitsandbytes NF4 (QLoRA); only methods that train adapters on a frozen base take it."""
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward pass: less memory, ~30% slower
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"  # adamw_8bit: bitsandbytes' 8-bit AdamW states (a quarter the memory)
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # eager where a model has no SDPA
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1)  # torch CPU threads; None = torch's default (or the trial's CPUs)
 
@@ -89,6 +96,16 @@ class TrainConfig(BaseModel):
         if value not in METHODS:
             raise ValueError(f"unknown method {value!r}; choose one of {', '.join(METHODS)}")
         return value
+
+    @model_validator(mode="after")
+    def _quantized_base(self) -> TrainConfig:
+        from trainer.methods import METHODS
+
+        if self.quantization and not METHODS[self.method].quantized_base:
+            takes = [name for name, m in METHODS.items() if m.quantized_base]
+            raise ValueError(f"quantization {self.quantization}: method {self.method} trains the base weights, which "
+                             f"cannot be {self.quantization}; use method {' or '.join(takes)} (QLoRA) or drop quantization")
+        return self
 
     @field_validator("fault")
     @classmethod

@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 
-from trainer import base_eval
+from trainer import base_eval, memory
 from trainer.config import TrainConfig
 from trainer.curves import DivergenceRule, Smoother
 from trainer.data import collate, example_stream, run_records, tokenize
 from trainer.methods import get_method, trainable_summary
 from trainer.metrics import change_by_block, evaluate, token_nll, weight_change, weighted_loss
-from trainer.models import load_model
+from trainer.models import load_for
 
 Report = Callable[..., None]
 _EVAL_BATCH = 16
@@ -84,13 +84,18 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = _device(cfg)
-    model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    memory.reset_peak(device)
+    model, tokenizer = load_for(cfg, device)
     train_ex, eval_ex = _datasets(cfg, tokenizer)
-    model.to(device)
+    if cfg.quantization is None:  # a 4-bit model is placed on its device as it loads (bitsandbytes)
+        model.to(device)
     base = base_eval.get(cfg, model, tokenizer, train_ex, eval_ex, device=device)
     method = get_method(cfg.method)
-    w0 = {k: v.detach().clone() for k, v in model.named_parameters()} if cfg.weight_change else {}
+    if cfg.gradient_checkpointing:  # non-reentrant: needs no input that requires grad, so frozen embeddings are fine
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     model = method.prepare(model, cfg)
+    w0 = _snapshot(model, method, device) if cfg.weight_change else {}
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(cfg, model, device)
@@ -197,6 +202,7 @@ def _report(ctx: _Ctx, extra: dict | None = None) -> dict:
         "train_time_s": state.train_time,
         "eval_time_s": state.eval_time,
         "first_step_unix": state.first_step_unix,
+        "peak_mem_gib": memory.peak_gib(ctx.device),
         **ctx.static,
     }
     due = cfg.eval_every is not None and state.examples_seen % cfg.eval_every < cfg.examples_per_step
@@ -267,6 +273,16 @@ def _final_metrics(ctx: _Ctx, base: dict) -> dict[str, Any]:
     return out
 
 
+def _snapshot(model, method, device: torch.device) -> dict:
+    """What the weight change is measured from: a copy of the trainable parameters only (on the CPU when training
+    on a GPU), the frozen ones by reference, and an adapter method's frozen base (``Method.base_state``)."""
+    if method.base_state is not None:
+        return method.base_state(model)
+    keep = torch.device("cpu") if device.type == "cuda" else device
+    return {name: (p.detach().to(keep, copy=True) if p.requires_grad else p.detach())
+            for name, p in model.named_parameters()}
+
+
 def _datasets(cfg: TrainConfig, tokenizer):
     train_records, eval_records = run_records(cfg)
     return (
@@ -281,8 +297,14 @@ def _optimizer(cfg: TrainConfig, model, device) -> torch.optim.Optimizer:
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "adamw_8bit":
+        from trainer.models import require_bitsandbytes
+
+        bnb = require_bitsandbytes("optimizer adamw_8bit")
+        return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate)
     # fused AdamW: about 5x faster than the for-loop version on CPU (measured here on 135M params)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, fused=True)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=True)
 
 
 def _scheduler(cfg: TrainConfig, optimizer, total_steps: int):

@@ -44,11 +44,17 @@ class Method:
     name: str
     prepare: Callable[[nn.Module, object], nn.Module]
     """Freeze/wrap the base model for training; returns the model to train."""
-    effective_state: Callable[[nn.Module], dict[str, torch.Tensor]]
-    """The weights the tuned model computes with, under the base model's parameter names."""
+    effective_state: Callable[[nn.Module], dict[str, State]]
+    """The weights the tuned model computes with, under the base model's parameter names. A value may be a function
+    that computes the tensor when it is read (``trainer.metrics.materialize``): one merged tensor at a time."""
+    base_state: Callable[[nn.Module], dict[str, State]] | None = None
+    """For a method whose trainable tensors are not base weights (adapters): the prepared model's frozen base weights,
+    under the same names as ``effective_state``. None: the trainer snapshots the trainable parameters themselves."""
     peft_args: Callable[[object], dict[str, Any]] | None = None
     """For a method that trains a PEFT adapter: ``peft.LoraConfig(**peft_args(cfg))`` (or the method's own PEFT
     config class) is the adapter it trains. The export writes the same dict as ``<name>_config.json``."""
+    quantized_base: bool = False
+    """True when the method trains only adapters on a frozen base, so the base may be 4-bit (``quantization``)."""
     settings: tuple[str, ...] = ()
     """The TrainConfig fields only this method reads (``lora_r``...): labels show them only on its trials."""
     cost: float = 2.0
@@ -65,6 +71,8 @@ class Method:
         """Write the trained artefact to a directory: ``save_pretrained`` writes a peft model's adapter, else the model."""
         model.save_pretrained(out)
 
+
+State = "torch.Tensor | Callable[[], torch.Tensor]"  # a weight, or a function that computes it when read
 
 METHODS: dict[str, Method] = {}
 
@@ -144,25 +152,41 @@ def _lora_prepare(model: nn.Module, cfg) -> nn.Module:
     return get_peft_model(model, LoraConfig(**_lora_args(cfg)))
 
 
-def _lora_effective_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Base weights plus each adapter's delta (as if merged), under base names."""
+def _lora_states(model: nn.Module, *, merged: bool) -> dict[str, State]:
+    """Base weights under base names; each LoRA layer's weight computed when read: its base weight (dequantized
+    when the base is 4-bit), plus the adapters' delta when ``merged``. Nothing is copied up front."""
     from peft.tuners.lora import LoraLayer
+    from peft.utils.integrations import dequantize_module_weight
 
-    state: dict[str, torch.Tensor] = {}
+    def weight(module, merged: bool):
+        base = dequantize_module_weight(module.get_base_layer()).detach()
+        if not merged:
+            return base
+        return base + sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A).detach()
+
+    state: dict[str, State] = {}
     base = model.get_base_model()
     for name, param in base.named_parameters():
-        if "lora_" in name:
-            continue
-        state[name.replace(".base_layer", "")] = param.detach()
+        if "lora_" not in name:
+            state[name.replace(".base_layer", "")] = param.detach()
     for name, module in base.named_modules():
         if isinstance(module, LoraLayer) and module.active_adapters:
-            weight = module.get_base_layer().weight.detach()
-            delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
-            state[f"{name}.weight"] = weight + delta.detach()
+            state[f"{name}.weight"] = lambda module=module: weight(module, merged)
     return state
 
 
-register(Method("lora", _lora_prepare, _lora_effective_state, peft_args=_lora_args,
+def _lora_effective_state(model: nn.Module) -> dict[str, State]:
+    """Base weights plus each adapter's delta (as if merged), under base names."""
+    return _lora_states(model, merged=True)
+
+
+def _lora_base_state(model: nn.Module) -> dict[str, State]:
+    """The frozen base weights the adapters add to, under the same names: nothing to copy, they never change."""
+    return _lora_states(model, merged=False)
+
+
+register(Method("lora", _lora_prepare, _lora_effective_state, base_state=_lora_base_state, peft_args=_lora_args,
+                quantized_base=True,
                 settings=("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"), cost=2.0, color="#e76f51"))
 
 

@@ -144,15 +144,24 @@ def reference_set(model, tokenizer, cache_file: Path | None, *, device) -> list[
 _BLOCK = re.compile(r"\.layers\.(\d+)\.")
 
 
-def weight_change(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> list[dict]:
-    """Per tensor: ||W - W0|| / ||W0||, with the block index it belongs to (None outside blocks)."""
+def materialize(value) -> torch.Tensor:
+    """A state's value: the tensor, or what its function computes (a merged LoRA weight, one at a time)."""
+    return value() if callable(value) else value
+
+
+def weight_change(before: dict, after: dict) -> list[dict]:
+    """Per tensor: ||W - W0|| / ||W0||, with the block index it belongs to (None outside blocks).
+
+    Values are tensors or functions computing them (``materialize``); ``before`` may live on another device (the
+    CPU snapshot of a GPU run)."""
     rows = []
-    for name, w0 in before.items():
-        w = after.get(name)
-        if w is None:
+    for name, value in before.items():
+        if name not in after:
             continue
-        base = w0.float().norm().item()
-        delta = (w.float() - w0.float()).norm().item()
+        w = materialize(after[name]).float()
+        w0 = materialize(value).to(w.device).float()
+        base = w0.norm().item()
+        delta = (w - w0).norm().item()
         match = _BLOCK.search(name)
         rows.append(
             {

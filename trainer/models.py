@@ -36,16 +36,54 @@ def cache_root() -> Path:
     return Path(root)
 
 
-def load_model(name: str, *, trust_remote_code: bool = False):
-    """Return ``(model, tokenizer)`` in float32 on the CPU. Raises UserError for an unknown model."""
+def load_model(
+    name: str, *, trust_remote_code: bool = False, dtype: str = "float32", quantization: str | None = None,
+    attn_implementation: str = "sdpa", device: str = "cpu",
+):
+    """Return ``(model, tokenizer)``, on the CPU unless 4-bit (placed on ``device`` as it loads). UserError for an
+    unknown model.
+
+    ``dtype`` is the weights' dtype (``bfloat16`` halves their memory, on the CPU too); ``quantization="4bit"``
+    loads the linear layers of the blocks as bitsandbytes NF4 (the frozen base of QLoRA), computing in ``dtype``.
+    ``attn_implementation``: ``sdpa`` (the default), ``eager`` or ``flash_attention_2``; an architecture without
+    SDPA in transformers falls back to eager, saying so.
+    """
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_dir(name)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, trust_remote_code=trust_remote_code, local_files_only=True
-    )
+    torch_dtype = getattr(torch, dtype)
+    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, local_files_only=True)
+    if quantization == "4bit":
+        kwargs.update(quantization_config=bnb_config(dtype), device_map={"": str(device)})  # bnb cannot .to() later
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation, **kwargs)
+    except ValueError as exc:
+        if attn_implementation != "sdpa" or "sdpa" not in str(exc).lower():
+            raise
+        print(f"model: {name} has no SDPA attention in transformers; using eager attention", flush=True)
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", **kwargs)
     return model, tokenizer
+
+
+def load_for(cfg, device="cpu"):
+    """``load_model`` with a TrainConfig's loading settings (dtype, quantization, attention)."""
+    return load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype, quantization=cfg.quantization,
+                      attn_implementation=cfg.attn_implementation, device=device)
+
+
+def bnb_config(dtype: str = "bfloat16", *, as_dict: bool = False):
+    """The 4-bit base of QLoRA: NF4 weights with double quantization, computing in ``dtype`` (Dettmers et al. 2023).
+
+    ``as_dict``: the keyword arguments of ``transformers.BitsAndBytesConfig`` (what the export writes)."""
+    args = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_compute_dtype": dtype}
+    if as_dict:
+        return args
+    require_bitsandbytes("quantization 4bit")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(**{**args, "bnb_4bit_compute_dtype": getattr(torch, dtype)})
 
 
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
@@ -55,6 +93,15 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def require_bitsandbytes(what: str):
+    """The bitsandbytes module, or a UserError saying that ``what`` needs it."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"{what} needs the bitsandbytes package: pip install bitsandbytes")
+    import bitsandbytes
+
+    return bitsandbytes
 
 
 def resolve_model_dir(name: str) -> str:

@@ -68,14 +68,14 @@ def load_finetuned(output_dir: str | Path):
     from transformers import AutoModelForCausalLM
 
     from trainer.methods import get_method
-    from trainer.models import load_model, load_tokenizer
+    from trainer.models import load_for, load_tokenizer
 
     out = Path(output_dir)
     cfg = TrainConfig.model_validate(safe_load((out / "config.yaml").read_text()))
     if get_method(cfg.method).saves_adapter:
         from peft import PeftModel
 
-        base, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        base, tokenizer = load_for(cfg)  # the base as the run trained on it (dtype, 4-bit)
         return PeftModel.from_pretrained(base, out / "model"), tokenizer, cfg
     model = AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=cfg.trust_remote_code)
     return model, load_tokenizer(out / "model"), cfg

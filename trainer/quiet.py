@@ -1,6 +1,7 @@
 """Silence library chatter (weight-loading bars, advisory warnings) that drowns the run's own output."""
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 
@@ -13,4 +14,6 @@ def quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+    # bitsandbytes' CPU backend offers to fetch a kernel from a hub at import; nothing is fetched here (offline)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

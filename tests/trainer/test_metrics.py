@@ -20,6 +20,7 @@ from trainer.methods import get_method
 from trainer.metrics import (
     REFERENCE_PROMPTS,
     change_by_block,
+    materialize,
     evaluate,
     reference_set,
     token_nll,
@@ -131,7 +132,7 @@ def _lora_delta(module) -> torch.Tensor:
 
 
 def _effective_state(model) -> dict[str, torch.Tensor]:
-    return get_method("lora").effective_state(model)
+    return {k: materialize(v) for k, v in get_method("lora").effective_state(model).items()}
 
 
 def test_lora_effective_state_is_base_weight_plus_b_times_a_times_alpha_over_r(lora_model):
@@ -147,6 +148,16 @@ def test_lora_effective_state_has_the_base_names_and_untouched_non_adapted_weigh
     assert set(state) == set(w0)
     for name in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.1.input_layernorm.weight"):
         assert torch.equal(state[name], w0[name]), name
+
+
+def test_lora_base_state_is_the_frozen_base_under_the_same_names_without_copies(lora_model):
+    peft_model, w0 = lora_model
+    base = get_method("lora").base_state(peft_model)
+    assert set(base) == set(w0)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"):
+        torch.testing.assert_close(materialize(base[name]), w0[name])
+    q = peft_model.get_base_model().model.layers[0].self_attn.q_proj
+    assert materialize(base["model.layers.0.self_attn.q_proj.weight"]).data_ptr() == q.base_layer.weight.data_ptr()
 
 
 def test_lora_weight_change_is_the_norm_of_the_merged_delta(lora_model):
