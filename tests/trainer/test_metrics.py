@@ -20,8 +20,8 @@ from trainer.methods import get_method
 from trainer.metrics import (
     REFERENCE_PROMPTS,
     change_by_block,
-    materialize,
     evaluate,
+    materialize,
     reference_set,
     token_nll,
     weight_change,
