@@ -49,7 +49,14 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
     resume = _check_resume(spec, sweep_dir, resume)
     _preflight_data(spec)
     _init_ray(spec, address)
-    _check_resources(spec)
+    from sweeps.placement import ignored_gpus_warning, plan_lines, ray_nodes, trial_resources
+
+    nodes = ray_nodes()
+    placer = trial_resources(spec, nodes)
+    _check_resources(spec, placer, nodes)
+    for line in [*plan_lines(spec, nodes), ignored_gpus_warning(spec, nodes)]:
+        if line:
+            print(line, flush=True)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "spec.json").write_text(json.dumps({"digest": spec.digest(), "spec": spec.model_dump(mode="json")}, indent=1))
 
@@ -63,7 +70,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
     print(f"sweep {spec.name}: {'resuming' if resume else 'starting'} in {sweep_dir}", flush=True)
     print(f"mlflow: {uri} (experiment {tracker.experiment!r})", flush=True)
 
-    tuner, n_total = _tuner(spec, sweep_dir, writer, resume)
+    tuner, n_total = _tuner(spec, sweep_dir, writer, resume, placer)
     from sweeps.budget import TimeBudget
 
     t0 = time.time()
@@ -168,18 +175,16 @@ def _check_reachable(address: str) -> None:
         raise UserError(f"--address {address}: no Ray head answers there (is `ray start --head` running?)") from None
 
 
-def _check_resources(spec: SweepSpec) -> None:
-    import ray
+def _check_resources(spec: SweepSpec, placer, nodes) -> None:
+    """Every method's largest trial fits on some node (CPUs and GPU share), before any trial starts."""
+    from sweeps.placement import largest_trials
 
-    total = ray.cluster_resources()
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    for method in spec.methods:
-        need = spec.resources.for_method(method)
-        fits = any(n.get("CPU", 0) >= need["cpu"] and n.get("GPU", 0) >= need["gpu"] for n in nodes)
-        if not fits:
+    for method, cfg in largest_trials(spec, placer).items():
+        share = placer.share(cfg)
+        if not any(n.cpus >= share.cpu and n.gpus >= share.gpu for n in nodes):
             raise UserError(
-                f"{spec.source}: resources for method {method} ask for cpu={need['cpu']:g}, gpu={need['gpu']:g} per trial, "
-                f"but no node has that much (cluster: {total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU)"
+                f"{spec.source}: resources for method {method} ask for cpu={share.cpu:g}, gpu={share.gpu:g} per trial, "
+                f"but no node has that much (cluster: {sum(n.cpus for n in nodes):g} CPU, {sum(n.gpus for n in nodes):g} GPU)"
             )
 
 
@@ -206,7 +211,7 @@ def _parent_run(spec: SweepSpec, tracker) -> str | None:
     return parent
 
 
-def _tuner(spec: SweepSpec, sweep_dir: Path, writer, resume: bool):
+def _tuner(spec: SweepSpec, sweep_dir: Path, writer, resume: bool, placer):
     import optuna
     from ray import tune
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig
@@ -229,8 +234,7 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, writer, resume: bool):
         run_trial, base=base, metrics=spec.search.metrics, checkpoint_every=failure.checkpoint_every,
         stall_s=failure.stall_s, setup_s=failure.setup_s,
     )
-    resources = _ResourcesFor(spec)
-    trainable = tune.with_resources(trainable, resources)
+    trainable = tune.with_resources(trainable, placer)  # per trial, from its settings (sweeps.placement)
     n_total = n_trials(spec)
     refiner, n_refine = None, 0
     if spec.search.refine:
@@ -262,20 +266,3 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, writer, resume: bool):
         ),
     )
     return tuner, n_total
-
-
-class _ResourcesFor:
-    """Per-trial resources by method (picklable): LoRA and last-layer trials may share a GPU, full ones not."""
-
-    def __init__(self, spec: SweepSpec):
-        self.resources = spec.resources
-        self.default_method = spec.methods[0]
-
-    def __call__(self, config: dict[str, Any]):
-        from ray.tune import PlacementGroupFactory
-
-        need = self.resources.for_method(config.get("method", self.default_method))
-        bundle = {"CPU": need["cpu"]}
-        if need["gpu"]:
-            bundle["GPU"] = need["gpu"]
-        return PlacementGroupFactory([bundle])

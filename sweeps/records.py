@@ -24,13 +24,16 @@ CURVES = ("train_loss", "train_loss_ema", "eval_loss", "grad_norm", "lr", "token
 PROGRESS = ("step", "examples_seen", "epoch")
 """Where on the run a report is; ``examples_seen`` is every curve's x axis (MLflow's step)."""
 TIMINGS = ("train_time_s", "eval_time_s", "setup_time_s")
+MEMORY = ("peak_mem_gib", "mem_estimate_gib", "gpu_share", "mem_cap_gib")
+"""Peak memory (CUDA allocated on a GPU, the process's peak resident set on a CPU); on a GPU, the trial's estimate,
+its share of the GPU and the CUDA memory cap that share set (``sweeps.placement``)."""
 SUMMARY = (
     "l0", "train_exact_match", "eval_exact_match", "train_token_accuracy", "eval_token_accuracy",
     "train_completion_loss", "train_prompt_loss", "forgetting", "reference_nll", "weight_change_mean",
     "weights_changed_fraction", "trainable_fraction",
 )
 """Measured once, at the start (``l0``) or the end of a run."""
-METRICS = (*PROGRESS, *CURVES, *TIMINGS, *SUMMARY)
+METRICS = (*PROGRESS, *CURVES, *TIMINGS, *MEMORY, *SUMMARY)
 """Every numeric metric a trial reports."""
 LOGGED_METRICS = tuple(m for m in METRICS if m != "step")
 """What the driver logs to MLflow, each at step = examples_seen (so ``step`` itself is not)."""

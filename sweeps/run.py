@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(describe(spec))
         print(spec.base.eval_plan())
+        _print_plan(spec, args.address)
         print(f"sweep folder: {spec.sweep_dir()}")
         return 0
     from trainer.quiet import quiet_libraries
@@ -50,6 +51,25 @@ def main(argv: list[str] | None = None) -> int:
 
     run_sweep(spec, resume=args.resume, address=args.address)
     return 0
+
+
+def _print_plan(spec, address: str | None) -> None:
+    """The packing plan: on this machine (no Ray started), or on the cluster at --address / $RAY_ADDRESS."""
+    import os
+
+    from sweeps.placement import ignored_gpus_warning, local_nodes, plan_lines, ray_nodes
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        from sweeps.driver import _init_ray
+
+        _init_ray(spec, address)
+        nodes = ray_nodes()
+    else:
+        nodes = local_nodes()
+    for line in [*plan_lines(spec, nodes), ignored_gpus_warning(spec, nodes)]:
+        if line:
+            print(line)
 
 
 if __name__ == "__main__":

@@ -203,10 +203,27 @@ class Pruning(BaseModel):
 
 
 class Resources(BaseModel):
+    """What each trial asks Ray for. ``resources: auto`` (the default) is ``{gpu: auto}``: on nodes without GPUs, one
+    CPU per trial; on nodes with GPUs, a share of a GPU sized from the trial's memory estimate, so that as many trials
+    as fit run on each GPU, each capped to its share (``sweeps.placement``). A number is a fixed share per trial."""
+
     model_config = _STRICT
     cpu: float = Field(1, gt=0)
-    gpu: float = Field(0, ge=0)  # fractional is allowed: accounting only, not memory isolation
+    gpu: float | Literal["auto"] = "auto"  # a fraction is Ray's accounting; the trial also caps its CUDA memory to it
+    gpu_memory_gib: float | None = Field(None, gt=0)  # with gpu: auto, each GPU's memory; None: read from the nodes
     per_method: dict[str, dict[Literal["cpu", "gpu"], float]] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto(cls, data: Any) -> Any:
+        return {"gpu": "auto"} if data == "auto" else data
+
+    @field_validator("gpu")
+    @classmethod
+    def _gpu(cls, value):
+        if value != "auto" and value < 0:
+            raise ValueError(f"must be >= 0 or auto, got {value}")
+        return value
 
     @field_validator("per_method")
     @classmethod
@@ -218,8 +235,9 @@ class Resources(BaseModel):
                 raise ValueError(f"{name}: resources must be >= 0, got {res}")
         return value
 
-    def for_method(self, method: str) -> dict[str, float]:
-        res = {"cpu": self.cpu, "gpu": self.gpu}
+    def for_method(self, method: str) -> dict[str, float | str]:
+        """``{"cpu": n, "gpu": share or "auto"}`` for a trial of ``method``."""
+        res: dict[str, float | str] = {"cpu": self.cpu, "gpu": self.gpu}
         res.update((self.per_method or {}).get(method, {}))
         return res
 

@@ -10,8 +10,10 @@ Trials never write to MLflow: the driver is the only writer.
 """
 from __future__ import annotations
 
+import gc
 import math
 import os
+import traceback
 import tempfile
 from contextlib import nullcontext
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 from ray import tune
 from ray.tune import Checkpoint
 
-from sweeps.records import NOT_SETTINGS
+from sweeps.placement import memory_cap, trial_config
 from sweeps.watchdog import Watchdog
 from trainer.config import TrainConfig
 
@@ -37,11 +39,11 @@ def run_trial(
 
     ``base`` is the spec's ``base``: validated once, with every value and range end of the space, when the spec
     was loaded; so the sampled values are copied in, not validated again."""
-    sampled = {k: v for k, v in config.items() if k not in NOT_SETTINGS}  # the search's bookkeeping, not trainer fields
-    cfg = base.model_copy(update=sampled)
+    cfg = trial_config(base, config)
     threads = _trial_cpus()
     if cfg.threads is None and threads:
         cfg = cfg.model_copy(update={"threads": threads})
+    gpu = _gpu_placement(cfg)
 
     from trainer.loop import train
     from trainer.quiet import quiet_libraries
@@ -54,6 +56,10 @@ def run_trial(
 
     def report(values: dict[str, Any], checkpoint=None) -> None:
         state["reports"] += 1
+        values = {**values, **gpu}
+        if values.get("done") and "out of memory" in str(values.get("reason", "")) and "mem_cap_gib" in gpu:
+            values["reason"] += (f" (estimated {gpu['mem_estimate_gib']:.2f} GiB; its share {gpu['gpu_share']:g} of a GPU "
+                                 f"was capped at {gpu['mem_cap_gib']:.2f} GiB)")
         seen = state["seen"]
         seen.update((m, values[m]) for m in metrics if isinstance(values.get(m), (int, float)) and math.isfinite(values[m]))
         # Every result carries the objective: the primary metric's last known value, l0 before the first eval.
@@ -80,11 +86,51 @@ def run_trial(
         else:
             train(cfg, report)
 
-    if watchdog is None:
-        work()
-    else:
-        # The stall result carries the last report's step and progress, so no reader takes it for a new point.
-        watchdog.run(work, on_stall=lambda reason: tune.report({**state["last"], "stalled": reason, "node_id": node}))
+    try:
+        if watchdog is None:
+            work()
+        else:
+            # The stall result carries the last report's step and progress, so no reader takes it for a new point.
+            watchdog.run(work, on_stall=lambda reason: tune.report({**state["last"], "stalled": reason, "node_id": node}))
+    except BaseException as exc:  # a stop (pruned) ends here too: its frames must not keep the model alive
+        traceback.clear_frames(exc.__traceback__)
+        raise
+    finally:
+        release_memory()
+
+
+def release_memory() -> None:
+    """Free what the trial held before the worker (reused by Ray) starts another: the model, the optimizer state and
+    the CUDA cache (ray#23971: a stopped trial's GPU memory stayed taken)."""
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def _gpu_placement(cfg: TrainConfig) -> dict[str, Any]:
+    """The trial's GPU share (its Ray resources), the GPUs Ray gave it, its memory estimate, and the CUDA memory cap
+    applied to the share; empty for a trial without a GPU."""
+    import ray
+
+    try:
+        share = float(tune.get_context().get_trial_resources().required_resources.get("GPU", 0))
+    except Exception:  # outside a trial (unit tests)
+        return {}
+    if not share:
+        return {}
+    from trainer.memory import estimate
+
+    out: dict[str, Any] = {"gpu_share": share, "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                           "mem_estimate_gib": estimate(cfg, device="cuda").total_gib}
+    import torch
+
+    if torch.cuda.is_available():
+        cap = memory_cap(share)
+        torch.cuda.set_per_process_memory_fraction(cap, 0)  # Ray made the trial's GPU this process's device 0
+        out["mem_cap_gib"] = cap * torch.cuda.get_device_properties(0).total_memory / 1024**3
+    return out
 
 
 def _send(result: dict[str, Any], watchdog: Watchdog | None, checkpoint: Checkpoint | None = None) -> None:

@@ -240,6 +240,7 @@ def _finish(ctx: _Ctx, base: dict, w0: dict, method, status: str, reason: str) -
         # Report finite numbers: a diverged run's objective is min(last eval loss, l0).
         last = ctx.last_eval if ctx.last_eval is not None and math.isfinite(ctx.last_eval) else base["eval"]["loss"]
         final["eval_loss"] = min(last, base["eval"]["loss"])
+    final["end_unix"] = time.time()  # with start_unix: when this run held its slot (concurrency, packing)
     metrics = _report(ctx, extra=final)
     out = None
     if cfg.output_dir:
