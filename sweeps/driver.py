@@ -11,7 +11,6 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
 
 from sweeps.spec import SweepSpec
 from trainer.errors import UserError

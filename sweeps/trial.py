@@ -13,8 +13,8 @@ from __future__ import annotations
 import gc
 import math
 import os
-import traceback
 import tempfile
+import traceback
 from contextlib import nullcontext
 from typing import Any
 
