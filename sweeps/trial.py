@@ -86,22 +86,28 @@ def run_trial(
         else:
             train(cfg, report)
 
+    if watchdog is None:
+        releasing(work)
+    else:
+        # The stall result carries the last report's step and progress, so no reader takes it for a new point.
+        releasing(lambda: watchdog.run(
+            work, on_stall=lambda reason: tune.report({**state["last"], "stalled": reason, "node_id": node})))
+
+
+def releasing(work) -> None:
+    """Run ``work`` and free what it held before the worker (reused by Ray) starts another trial: the model, the
+    optimizer state and the CUDA cache (ray#23971: a stopped trial's GPU memory stayed taken). A stop (pruned) ends
+    as an exception from ``tune.report``: its traceback's frames would keep the model alive, so they are cleared."""
     try:
-        if watchdog is None:
-            work()
-        else:
-            # The stall result carries the last report's step and progress, so no reader takes it for a new point.
-            watchdog.run(work, on_stall=lambda reason: tune.report({**state["last"], "stalled": reason, "node_id": node}))
-    except BaseException as exc:  # a stop (pruned) ends here too: its frames must not keep the model alive
+        work()
+    except BaseException as exc:
         traceback.clear_frames(exc.__traceback__)
         raise
     finally:
-        release_memory()
+        _release_memory()
 
 
-def release_memory() -> None:
-    """Free what the trial held before the worker (reused by Ray) starts another: the model, the optimizer state and
-    the CUDA cache (ray#23971: a stopped trial's GPU memory stayed taken)."""
+def _release_memory() -> None:
     gc.collect()
     import torch
 
