@@ -21,9 +21,11 @@ What each method trains:
   on ``lora_target_modules`` (default: every linear layer except the head).
   The base weights stay frozen; the adapter is what is saved.
 - ``last_layer``: the last ``last_layers`` transformer blocks (all their
-  weights: attention, MLP and both norms) plus the final norm. The output head
-  is NOT trained: on tied models it is the input embedding matrix, and training
-  it would change how every token is read, not only the last layer.
+  weights: attention, MLP and both norms) plus the final norm, found on any
+  causal LM by ``trainer.architecture`` (``model.layers`` on Llama,
+  ``transformer.h`` on GPT-2...). The output head is NOT trained: on tied
+  models it is the input embedding matrix, and training it would change how
+  every token is read, not only the last layer.
 """
 from __future__ import annotations
 
@@ -169,27 +171,19 @@ register(Method("lora", _lora_prepare, _lora_effective_state, peft_args=_lora_ar
 # --- last_layer ---------------------------------------------------------------
 
 
-def _blocks(model: nn.Module) -> nn.ModuleList:
-    from torch import nn
-
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise TypeError(f"last_layer needs a decoder with model.layers; {type(model).__name__} has none")
-    return layers
-
-
 def _last_layer_prepare(model: nn.Module, cfg) -> nn.Module:
+    from trainer.architecture import decoder_blocks, final_norm
+
     for param in model.parameters():
         param.requires_grad_(False)
-    blocks = _blocks(model)
+    _, blocks = decoder_blocks(model)
     n = min(cfg.last_layers, len(blocks))
     for block in list(blocks)[-n:]:
         for param in block.parameters():
             param.requires_grad_(True)
-    final_norm = getattr(model.model, "norm", None)
-    if final_norm is not None:
-        for param in final_norm.parameters():
+    norm = final_norm(model)
+    if norm is not None:
+        for param in norm[1].parameters():
             param.requires_grad_(True)
     return model
 
