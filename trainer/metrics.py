@@ -141,11 +141,13 @@ def reference_set(model, tokenizer, cache_file: Path | None, *, device) -> list[
 
 # --- weight change ---------------------------------------------------------------------
 
-_BLOCK = re.compile(r"\.layers\.(\d+)\.")
 
+def weight_change(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], blocks: str | None = None) -> list[dict]:
+    """Per tensor: ||W - W0|| / ||W0||, with the block index it belongs to (None outside blocks).
 
-def weight_change(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> list[dict]:
-    """Per tensor: ||W - W0|| / ||W0||, with the block index it belongs to (None outside blocks)."""
+    ``blocks`` is the qualified name of the decoder blocks (``model.layers``, ``transformer.h``: ``block_prefix``
+    reads it from the model); a tensor named ``<blocks>.<N>.…`` belongs to block N. None: no tensor is a block's."""
+    pattern = re.compile(rf"^{re.escape(blocks)}\.(\d+)\.") if blocks else None
     rows = []
     for name, w0 in before.items():
         w = after.get(name)
@@ -153,7 +155,7 @@ def weight_change(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor
             continue
         base = w0.float().norm().item()
         delta = (w.float() - w0.float()).norm().item()
-        match = _BLOCK.search(name)
+        match = pattern.match(name) if pattern else None
         rows.append(
             {
                 "name": name,
@@ -163,6 +165,17 @@ def weight_change(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor
             }
         )
     return rows
+
+
+def block_prefix(model) -> str | None:
+    """The qualified name of ``model``'s decoder blocks under the base model's parameter names (what
+    ``weight_change`` groups by); None when ``decoder_blocks`` cannot find them."""
+    from trainer.architecture import decoder_blocks
+
+    try:
+        return decoder_blocks(model)[0]
+    except LookupError:
+        return None
 
 
 def change_by_block(rows: list[dict]) -> list[dict]:
