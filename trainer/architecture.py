@@ -7,9 +7,16 @@ Gemma keep ``model.layers`` and ``model.norm``; GPT-2 ``transformer.h`` and
 ``model.decoder.final_layer_norm``. No family is named here: the blocks are
 found by shape (``decoder_blocks``), the final norm next to them by the few
 names the families give it (``final_norm``).
+
+``meta_model`` builds a model on the ``meta`` device from its config: no
+weights are read, so it takes about a second even for an 8B model.
+``trainer.methods.check_method_supports`` shows it to each method's
+``Method.check`` before a sweep or a run starts, so a model a method cannot
+tune is one clear UserError, not a traceback in every trial.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -77,3 +84,13 @@ def final_norm(model: nn.Module) -> tuple[str, nn.Module] | None:
             if len(norms) == 1:
                 return prefix + norms[0], children[norms[0]]
     return None
+
+
+def meta_model(model_dir: str | Path, *, trust_remote_code: bool = False) -> nn.Module:
+    """The causal LM of ``model_dir`` built from its config on the ``meta`` device: its structure, no weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code, local_files_only=True)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
