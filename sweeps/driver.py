@@ -133,6 +133,12 @@ def _preflight_data(spec: SweepSpec) -> None:
     except UserError as exc:
         raise UserError(f"{spec.source}: {exc}") from None
     tokenize(train[:1] + ev[:1], load_tokenizer(model_dir), 4096)
+    from trainer.methods import check_method_supports
+
+    try:  # a method that cannot tune this model fails here, not as a traceback in each of its trials
+        check_method_supports(spec.methods, model_dir, model_label=spec.model, trust_remote_code=base.trust_remote_code)
+    except UserError as exc:
+        raise UserError(f"{spec.source}: {exc}") from None
 
 
 def _init_ray(spec: SweepSpec, address: str | None) -> None:

@@ -20,6 +20,18 @@ def tiny_model_dir() -> Path:
     return ensure_preset("tiny")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): on a shared 2-core
+    machine two threads spin-wait, and make generate() about 7x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model_dir):
     from trainer.models import load_tokenizer

@@ -28,7 +28,7 @@ from trainer.config import TrainConfig
 from trainer.curves import DivergenceRule, Smoother
 from trainer.data import collate, example_stream, run_records, tokenize
 from trainer.methods import get_method, trainable_summary
-from trainer.metrics import change_by_block, evaluate, token_nll, weight_change, weighted_loss
+from trainer.metrics import block_prefix, change_by_block, evaluate, token_nll, weight_change, weighted_loss
 from trainer.models import load_for
 
 Report = Callable[..., None]
@@ -231,7 +231,7 @@ def _finish(ctx: _Ctx, base: dict, w0: dict, method, status: str, reason: str) -
     if status == "completed":
         final.update(_final_metrics(ctx, base))
         if w0:
-            changes = weight_change(w0, method.effective_state(model))
+            changes = weight_change(w0, method.effective_state(model), blocks=block_prefix(model))
             by_block = change_by_block(changes)
             final["weight_change_by_layer"] = by_block
             final["weight_change_mean"] = sum(r["rel_change"] * r["numel"] for r in changes) / max(sum(r["numel"] for r in changes), 1)

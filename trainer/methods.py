@@ -21,15 +21,17 @@ What each method trains:
   on ``lora_target_modules`` (default: every linear layer except the head).
   The base weights stay frozen; the adapter is what is saved.
 - ``last_layer``: the last ``last_layers`` transformer blocks (all their
-  weights: attention, MLP and both norms) plus the final norm. The output head
-  is NOT trained: on tied models it is the input embedding matrix, and training
-  it would change how every token is read, not only the last layer.
+  weights: attention, MLP and both norms) plus the final norm, found on any
+  causal LM by ``trainer.architecture`` (``model.layers`` on Llama,
+  ``transformer.h`` on GPT-2...). The output head is NOT trained: on tied
+  models it is the input embedding matrix, and training it would change how
+  every token is read, not only the last layer.
 """
 from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +63,9 @@ class Method:
     """Compute per training example relative to a forward pass: the grid starts the costliest trials first."""
     color: str | None = None
     """Its colour in the figures (None: one from matplotlib's cycle)."""
+    check: Callable[[nn.Module], str | None] | None = None
+    """Whether it can tune a model: given the model built on the meta device (structure, no weights), a problem in
+    words or None. ``check_method_supports`` runs it before a sweep or a run starts."""
 
     @property
     def saves_adapter(self) -> bool:
@@ -118,6 +123,32 @@ def trainable_summary(model: nn.Module) -> dict[str, float]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"trainable_params": trainable, "total_params": total, "trainable_fraction": trainable / max(total, 1)}
+
+
+def check_method_supports(methods: str | Iterable[str], model_dir: str | Path, *, model_label: str | None = None,
+                          trust_remote_code: bool = False) -> None:
+    """Raise UserError if one of ``methods`` cannot tune the model in ``model_dir``.
+
+    Each method's ``Method.check`` reads the model built on the meta device (built once, and only when a method
+    has a check). The message names the method and the model (``model_label``, default ``model_dir``):
+    ``method last_layer: model M: cannot find the decoder blocks: ...``; callers put the file in front.
+    """
+    from trainer.architecture import meta_model
+    from trainer.errors import UserError
+
+    checks = [(name, get_method(name).check) for name in ([methods] if isinstance(methods, str) else methods)]
+    checks = [(name, check) for name, check in checks if check is not None]
+    if not checks:
+        return
+    label = model_label or model_dir
+    try:
+        model = meta_model(model_dir, trust_remote_code=trust_remote_code)
+    except ValueError as exc:  # not a causal LM, or remote code not trusted: transformers says which
+        raise UserError(f"model {label}: transformers cannot build it as a causal LM ({str(exc).splitlines()[0]})") from None
+    for name, check in checks:
+        problem = check(model)
+        if problem:
+            raise UserError(f"method {name}: model {label}: {problem}")
 
 
 # --- full ---------------------------------------------------------------------
@@ -193,32 +224,35 @@ register(Method("lora", _lora_prepare, _lora_effective_state, base_state=_lora_b
 # --- last_layer ---------------------------------------------------------------
 
 
-def _blocks(model: nn.Module) -> nn.ModuleList:
-    from torch import nn
-
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise TypeError(f"last_layer needs a decoder with model.layers; {type(model).__name__} has none")
-    return layers
-
-
 def _last_layer_prepare(model: nn.Module, cfg) -> nn.Module:
+    from trainer.architecture import decoder_blocks, final_norm
+
     for param in model.parameters():
         param.requires_grad_(False)
-    blocks = _blocks(model)
+    _, blocks = decoder_blocks(model)
     n = min(cfg.last_layers, len(blocks))
     for block in list(blocks)[-n:]:
         for param in block.parameters():
             param.requires_grad_(True)
-    final_norm = getattr(model.model, "norm", None)
-    if final_norm is not None:
-        for param in final_norm.parameters():
+    norm = final_norm(model)
+    if norm is not None:
+        for param in norm[1].parameters():
             param.requires_grad_(True)
     return model
 
 
-register(Method("last_layer", _last_layer_prepare, _plain_state, settings=("last_layers",), cost=1.2, color="#2a9d8f"))
+def _last_layer_check(model: nn.Module) -> str | None:
+    from trainer.architecture import decoder_blocks
+
+    try:
+        decoder_blocks(model)
+    except LookupError as exc:
+        return f"cannot find the decoder blocks: {exc}; use method full or lora"
+    return None
+
+
+register(Method("last_layer", _last_layer_prepare, _plain_state, settings=("last_layers",), cost=1.2, color="#2a9d8f",
+                check=_last_layer_check))
 
 
 # Last: the methods of $FINETUNE_SWEEPS_METHODS, registered after the built-in ones (so shown after them). They may

@@ -141,19 +141,20 @@ def reference_set(model, tokenizer, cache_file: Path | None, *, device) -> list[
 
 # --- weight change ---------------------------------------------------------------------
 
-_BLOCK = re.compile(r"\.layers\.(\d+)\.")
-
 
 def materialize(value) -> torch.Tensor:
     """A state's value: the tensor, or what its function computes (a merged LoRA weight, one at a time)."""
     return value() if callable(value) else value
 
 
-def weight_change(before: dict, after: dict) -> list[dict]:
+def weight_change(before: dict, after: dict, blocks: str | None = None) -> list[dict]:
     """Per tensor: ||W - W0|| / ||W0||, with the block index it belongs to (None outside blocks).
 
     Values are tensors or functions computing them (``materialize``); ``before`` may live on another device (the
-    CPU snapshot of a GPU run)."""
+    CPU snapshot of a GPU run). ``blocks`` is the qualified name of the decoder blocks (``model.layers``,
+    ``transformer.h``: ``block_prefix`` reads it from the model); a tensor named ``<blocks>.<N>.…`` belongs to block N.
+    None: no tensor is a block's."""
+    pattern = re.compile(rf"^{re.escape(blocks)}\.(\d+)\.") if blocks else None
     rows = []
     for name, value in before.items():
         if name not in after:
@@ -162,7 +163,7 @@ def weight_change(before: dict, after: dict) -> list[dict]:
         w0 = materialize(value).to(w.device).float()
         base = w0.norm().item()
         delta = (w - w0).norm().item()
-        match = _BLOCK.search(name)
+        match = pattern.match(name) if pattern else None
         rows.append(
             {
                 "name": name,
@@ -172,6 +173,17 @@ def weight_change(before: dict, after: dict) -> list[dict]:
             }
         )
     return rows
+
+
+def block_prefix(model) -> str | None:
+    """The qualified name of ``model``'s decoder blocks under the base model's parameter names (what
+    ``weight_change`` groups by); None when ``decoder_blocks`` cannot find them."""
+    from trainer.architecture import decoder_blocks
+
+    try:
+        return decoder_blocks(model)[0]
+    except LookupError:
+        return None
 
 
 def change_by_block(rows: list[dict]) -> list[dict]:

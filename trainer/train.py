@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_libraries()
     _check_data_early(cfg)
+    _check_method_early(cfg, args.config)
     result = train(cfg, progress=not args.no_progress)
     m = result.metrics
     print(f"status: {result.status}{' (' + result.reason + ')' if result.reason else ''}")
@@ -55,6 +56,19 @@ def _check_data_early(cfg) -> None:
 
     _, held_out = split_records(load_records(cfg.train_data), cfg.eval_data, cfg.eval_fraction)
     print(f"{cfg.eval_plan()} ({len(held_out)} records)", flush=True)
+
+
+def _check_method_early(cfg, config_file: str) -> None:
+    """Refuse a model the method cannot tune (read from its config, no weights) before it is loaded."""
+    from trainer.errors import UserError
+    from trainer.methods import check_method_supports
+    from trainer.models import resolve_model_dir
+
+    try:
+        check_method_supports(cfg.method, resolve_model_dir(cfg.model), model_label=cfg.model,
+                              trust_remote_code=cfg.trust_remote_code)
+    except UserError as exc:
+        raise UserError(f"{config_file}: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -28,14 +28,7 @@ from trainer.metrics import (
     weighted_loss,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, two threads spin-wait and make generate() ~7x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- weight change ----------------------------------------------------------------------
@@ -52,9 +45,17 @@ def test_weight_change_is_the_norm_of_the_change_over_the_norm_of_the_start():
 def test_weight_change_reads_the_block_index_from_the_parameter_name():
     names = ["model.layers.3.mlp.up_proj.weight", "model.layers.12.self_attn.q_proj.weight",
              "model.embed_tokens.weight", "model.norm.weight"]
-    rows = weight_change({n: torch.ones(2) for n in names}, {n: torch.ones(2) for n in names})
+    rows = weight_change({n: torch.ones(2) for n in names}, {n: torch.ones(2) for n in names}, blocks="model.layers")
     assert [(r["name"], r["block"]) for r in rows] == list(zip(names, [3, 12, None, None]))
     assert all(r["numel"] == 2 and r["rel_change"] == 0 for r in rows)
+
+
+def test_weight_change_counts_blocks_under_the_name_it_is_given():
+    names = ["transformer.h.3.attn.c_attn.weight", "transformer.h.0.mlp.c_fc.weight", "transformer.ln_f.weight",
+             "model.layers.1.mlp.up_proj.weight"]
+    same = {n: torch.ones(2) for n in names}
+    assert [r["block"] for r in weight_change(same, same, blocks="transformer.h")] == [3, 0, None, None]
+    assert [r["block"] for r in weight_change(same, same)] == [None] * 4  # blocks not found: none is a block's
 
 
 def test_weight_change_of_a_zero_tensor_is_one_if_it_moved_and_zero_if_not():
@@ -76,14 +77,15 @@ def test_weight_change_compares_bfloat16_tensors_in_float32():
 
 
 def _by_layer(before, after) -> dict[str, dict]:
-    return {row["layer"]: row for row in change_by_block(weight_change(before, after))}
+    return {row["layer"]: row for row in change_by_block(weight_change(before, after, blocks="model.layers"))}
 
 
 def test_change_by_block_groups_a_block_and_names_tensors_outside_blocks():
     names = ["model.layers.3.mlp.up_proj.weight", "model.layers.3.self_attn.q_proj.weight",
              "model.layers.1.mlp.up_proj.weight", "model.layers.10.mlp.up_proj.weight",
              "model.embed_tokens.weight", "model.norm.weight"]
-    rows = change_by_block(weight_change({n: torch.ones(2) for n in names}, {n: torch.ones(2) for n in names}))
+    same = {n: torch.ones(2) for n in names}
+    rows = change_by_block(weight_change(same, same, blocks="model.layers"))
     assert [r["layer"] for r in rows] == ["block 3", "block 1", "block 10", "embed_tokens", "norm"]
 
 
