@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -51,3 +52,29 @@ def run_cli(args: list[str], cwd: Path | None = None, timeout: float = 300, env:
     return subprocess.run(
         [sys.executable, *args], cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout, env=full_env
     )
+
+
+def ray_node(args: list[str], temp_dir: Path, env: dict) -> None:
+    """`ray start ARGS` (1 CPU unless ARGS say otherwise) under TEMP_DIR; stop it with ``stop_ray_nodes_under``."""
+    import subprocess
+
+    cpus = [] if any(a.startswith("--num-cpus") for a in args) else ["--num-cpus=1"]
+    proc = subprocess.run([str(Path(sys.executable).parent / "ray"), "start", *args, *cpus, f"--temp-dir={temp_dir}",
+                           "--disable-usage-stats"], capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def stop_ray_nodes_under(temp_dir: Path) -> None:
+    """Kill only the Ray processes of this test's cluster (their command lines name its temp dir)."""
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            cmdline = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(temp_dir) in cmdline:
+            try:
+                os.kill(int(pid_dir.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass

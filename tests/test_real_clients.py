@@ -17,11 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import ray_node, run_cli, stop_ray_nodes_under
 from tests.test_faults import _children, _free_port, _mlflow_server
 
 pytestmark = pytest.mark.slow
-RAY = str(Path(sys.executable).parent / "ray")
 
 
 @pytest.fixture(scope="module")
@@ -148,28 +147,6 @@ def test_the_dashboard_command_refuses_a_folder_without_a_study_with_exit_2(tmp_
     assert proc.returncode == 2 and "no Optuna study there" in proc.stderr
 
 
-def _ray_node(args: list[str], temp_dir: Path, env: dict) -> None:
-    proc = subprocess.run([RAY, "start", *args, "--num-cpus=1", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-                          capture_output=True, text=True, timeout=180, env=env)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-def _stop_nodes_under(temp_dir: Path) -> None:
-    """Kill only the Ray processes of this test's cluster (their command lines name its temp dir)."""
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit():
-            continue
-        try:
-            cmdline = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(temp_dir) in cmdline:
-            try:
-                os.kill(int(pid_dir.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 def test_smoke_sweep_runs_on_a_two_node_ray_cluster_with_an_mlflow_server(tmp_path, tiny_model_dir):
     temp_dir = Path(f"/tmp/ray-ft-{os.getpid()}")
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
@@ -179,8 +156,8 @@ def test_smoke_sweep_runs_on_a_two_node_ray_cluster_with_an_mlflow_server(tmp_pa
     server = _mlflow_server(store, _free_port())
     uri = f"http://127.0.0.1:{server.args[server.args.index('--port') + 1]}"
     try:
-        _ray_node(["--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false"], temp_dir, env)
-        _ray_node([f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1"], temp_dir, env)
+        ray_node(["--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false"], temp_dir, env)
+        ray_node([f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1"], temp_dir, env)
         proc = run_cli(["sweeps/run.py", "search_spaces/smoke.yaml", f"output_dir={tmp_path / 'out'}",
                         "--address", f"127.0.0.1:{port}"], timeout=600,
                        env={"RAY_AUTH_MODE": "token", "MLFLOW_TRACKING_URI": uri})
@@ -191,6 +168,6 @@ def test_smoke_sweep_runs_on_a_two_node_ray_cluster_with_an_mlflow_server(tmp_pa
         _, children = _children(uri, "smoke")
         assert len(children) == 4 and all(c.info.status != "RUNNING" for c in children)
     finally:
-        _stop_nodes_under(temp_dir)
+        stop_ray_nodes_under(temp_dir)
         os.killpg(server.pid, signal.SIGKILL)
         shutil.rmtree(temp_dir, ignore_errors=True)

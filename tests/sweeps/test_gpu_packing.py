@@ -4,54 +4,33 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
+import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ray_node, run_cli, stop_ray_nodes_under
+from tests.test_faults import _free_port as free_port
 
 pytestmark = pytest.mark.slow
 
 GPUS, CPUS, PER_GPU = 2, 4, 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+TOKEN = {"RAY_AUTH_MODE": "token"}
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A Ray head on 127.0.0.1 with 2 logical GPUs and 4 CPUs, stopped (its whole process group) at the end."""
-    port = _free_port()
-    temp = tmp_path_factory.mktemp("ray")
-    ray_bin = Path(sys.executable).with_name("ray")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
-    head = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-         f"--num-gpus={GPUS}", f"--num-cpus={CPUS}", "--include-dashboard=false", f"--temp-dir={temp}",
-         "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(1)
-    time.sleep(3)  # the raylet registers after the GCS port opens
-    yield address
-    os.killpg(head.pid, signal.SIGTERM)
+def cluster():
+    """A Ray head on 127.0.0.1 with 2 logical GPUs and 4 CPUs (token auth, as Ray starts by default), stopped at the end."""
+    temp_dir = Path(f"/tmp/ray-gpu-{os.getpid()}")  # short: Ray's socket paths must fit
+    port = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
     try:
-        head.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
+        ray_node(["--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
+                  f"--num-gpus={GPUS}", f"--num-cpus={CPUS}"], temp_dir, env)
+        yield f"127.0.0.1:{port}"
+    finally:
+        stop_ray_nodes_under(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _spec(tmp_path: Path, gpu_memory_gib: float) -> Path:
@@ -83,7 +62,7 @@ def _memory_for_two_per_gpu() -> float:
 
 def test_dry_run_against_the_cluster_prints_the_packing_plan(cluster, tmp_path, tiny_model_dir):
     spec = _spec(tmp_path, _memory_for_two_per_gpu())
-    proc = run_cli(["sweeps/run.py", str(spec), "--dry-run", "--address", cluster], timeout=300)
+    proc = run_cli(["sweeps/run.py", str(spec), "--dry-run", "--address", cluster], timeout=300, env=TOKEN)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert f"{CPUS} CPU(s), {GPUS} GPU(s)" in proc.stdout
     plan = next(line for line in proc.stdout.splitlines() if line.strip().startswith("lora: estimate"))
@@ -94,7 +73,7 @@ def test_dry_run_against_the_cluster_prints_the_packing_plan(cluster, tmp_path, 
 def test_a_sweep_runs_the_planned_number_of_trials_at_once_each_with_its_gpu(cluster, tmp_path, tiny_model_dir):
     spec = _spec(tmp_path, _memory_for_two_per_gpu())
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = run_cli(["sweeps/run.py", str(spec), "--address", cluster], timeout=900, env={"MLFLOW_TRACKING_URI": uri})
+    proc = run_cli(["sweeps/run.py", str(spec), "--address", cluster], timeout=900, env={**TOKEN, "MLFLOW_TRACKING_URI": uri})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     trials = json.loads((tmp_path / "out" / "packed" / "trials.json").read_text())
     assert len(trials) == 8 and all(t["final"].get("status") == "completed" for t in trials)
