@@ -5,11 +5,13 @@
 - nodes without GPUs: ``resources.cpu`` CPUs per trial (1), so a 2-core machine runs 2 trials at a time;
 - nodes with GPUs: each trial asks for a share of one GPU sized from its memory estimate
   (``trainer.memory.estimate``: weights, gradients, optimizer state, activations, logits). The share is 1/k of a
-  GPU, with k the number of such trials that fit in ``FILL`` (90%) of its memory, so Ray packs k of them on each
+  GPU, with k the number of such trials that fit in ``FILL`` (90%) of its memory (each with ``MARGIN`` over its
+  estimate and its CUDA context), so Ray packs k of them on each
   GPU; a trial that needs more than that gets a whole GPU, and the plan says it may not fit.
 
-A trial with a GPU share caps its CUDA memory to ``FILL`` x its share (``torch.cuda.set_per_process_memory_fraction``),
-so an estimate that was too low fails that trial with an out-of-memory reason instead of its neighbours.
+A trial with a GPU share caps its CUDA memory to its part of ``FILL`` less its CUDA context
+(``torch.cuda.set_per_process_memory_fraction``), at least ``MARGIN`` x its estimate: an estimate that was too low
+fails that trial with an out-of-memory reason instead of its neighbours.
 Each GPU's memory is ``resources.gpu_memory_gib``, else read from the nodes (NVML).
 """
 from __future__ import annotations
@@ -27,7 +29,9 @@ from sweeps.spec import SweepSpec
 from trainer.config import TrainConfig
 from trainer.errors import UserError
 
-FILL = 0.9  # of a GPU's memory the packed trials may use together; the rest is for CUDA contexts and fragmentation
+FILL = 0.9  # of a GPU's memory the packed trials may use together; the rest is for fragmentation and other users
+MARGIN = 1.25  # each trial may allocate this x its estimate (the estimate is checked within 25%: BENCHMARKS.md)
+CONTEXT_GIB = 0.5  # each trial process's CUDA context, outside the allocator and its cap
 # space dimensions that change a trial's memory: the plan takes each method's largest combination of them
 _MEMORY_KEYS = ("batch_size", "seq_len", "lora_r", "lora_target_modules", "last_layers", "dtype", "quantization",
                 "gradient_checkpointing", "optimizer", "model")
@@ -71,7 +75,7 @@ class TrialResources:
         from trainer.memory import estimate
 
         est = estimate(cfg, device="cuda").total_gib
-        per_gpu = math.floor(FILL * self.gpu_memory_gib / est) if est > 0 else 1
+        per_gpu = math.floor(FILL * self.gpu_memory_gib / (MARGIN * est + CONTEXT_GIB))
         if per_gpu < 1:
             return Share(cpu, 1.0, est, 1, fits=False)
         # rounded down to Ray's 1e-4 resource precision, so that k shares never add up to more than one GPU
@@ -92,9 +96,12 @@ def trial_config(base: TrainConfig, config: dict[str, Any]) -> TrainConfig:
     return base.model_copy(update={k: v for k, v in config.items() if k not in NOT_SETTINGS})
 
 
-def memory_cap(share: float) -> float:
-    """The fraction of a GPU's memory a trial with this GPU share may allocate."""
-    return min(1.0, FILL * share) if share < 1 else 1.0
+def memory_cap(share: float, gpu_memory_gib: float) -> float:
+    """The fraction of a GPU's memory a trial with this GPU share may allocate: its part of ``FILL`` of the GPU, less
+    its CUDA context (at least ``MARGIN`` x its estimate, by how the share was sized); a whole GPU is not capped."""
+    if share >= 1:
+        return 1.0
+    return max(0.01, FILL * share - CONTEXT_GIB / gpu_memory_gib)
 
 
 # --- the cluster ----------------------------------------------------------------------------------------------------
@@ -220,8 +227,9 @@ def plan_lines(spec: SweepSpec, nodes: list[Node]) -> list[str]:
             lines.append(f"{head}: more than {FILL:.0%} of a GPU: one per GPU, and it may run out of memory "
                          "(try gradient_checkpointing: true, dtype: bfloat16, quantization: 4bit with lora, or a smaller batch)")
         else:
-            lines.append(f"{head}: {share.gpu:g} GPU each, {share.per_gpu} per GPU, "
-                         f"capped at {memory_cap(share.gpu) * placer.gpu_memory_gib:.1f} GiB; {n} trial(s) at once")
+            cap = memory_cap(share.gpu, placer.gpu_memory_gib) * placer.gpu_memory_gib
+            lines.append(f"{head}: {share.gpu:g} GPU each, {share.per_gpu} per GPU, capped at {cap:.1f} GiB; "
+                         f"{n} trial(s) at once")
     if not gpus and any(spec.resources.for_method(m)["gpu"] == "auto" for m in spec.methods):
         lines.append("  (no GPU: 1 trial per CPU; on GPU nodes each trial would get a share sized from its memory estimate)")
     return lines

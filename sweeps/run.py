@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     # Checked by the schema like any override, so a bad value gets the same message and exit code 2.
     budget = [f"search.time_budget_s={args.time_budget}"] if args.time_budget is not None else []
     spec = load_spec(args.spec, args.overrides + budget)
+    from trainer.quiet import quiet_libraries
+
+    quiet_libraries()
     if args.dry_run:
         from sweeps.space import describe
 
@@ -44,9 +47,6 @@ def main(argv: list[str] | None = None) -> int:
         _print_plan(spec, args.address)
         print(f"sweep folder: {spec.sweep_dir()}")
         return 0
-    from trainer.quiet import quiet_libraries
-
-    quiet_libraries()
     from sweeps.driver import run_sweep
 
     run_sweep(spec, resume=args.resume, address=args.address)

@@ -133,9 +133,10 @@ def _gpu_placement(cfg: TrainConfig) -> dict[str, Any]:
     import torch
 
     if torch.cuda.is_available():
-        cap = memory_cap(share)
-        torch.cuda.set_per_process_memory_fraction(cap, 0)  # Ray made the trial's GPU this process's device 0
-        out["mem_cap_gib"] = cap * torch.cuda.get_device_properties(0).total_memory / 1024**3
+        total_gib = torch.cuda.get_device_properties(0).total_memory / 1024**3  # Ray made the trial's GPU device 0
+        cap = memory_cap(share, total_gib)
+        torch.cuda.set_per_process_memory_fraction(cap, 0)
+        out["mem_cap_gib"] = cap * total_gib
     return out
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from sweeps.placement import CONTEXT_GIB, FILL, MARGIN
 from tests.conftest import ray_node, run_cli, stop_ray_nodes_under
 from tests.test_faults import _free_port as free_port
 
@@ -57,7 +58,7 @@ def _memory_for_two_per_gpu() -> float:
 
     cfg = TrainConfig(model="tiny", method="lora", batch_size=4, seq_len=48, train_data="builtin:facts:16",
                       eval_data="builtin:facts-heldout:16", forgetting=False, device="cpu")
-    return estimate(cfg, device="cuda").total_gib * (PER_GPU + 0.5) / 0.9
+    return (MARGIN * estimate(cfg, device="cuda").total_gib + CONTEXT_GIB) * (PER_GPU + 0.5) / FILL
 
 
 def test_dry_run_against_the_cluster_prints_the_packing_plan(cluster, tmp_path, tiny_model_dir):
