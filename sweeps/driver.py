@@ -147,7 +147,9 @@ def _init_ray(spec: SweepSpec, address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     # EXTENSIONS_ENV: every worker imports the same method modules as this driver (trainer.methods)
     env = {k: os.environ[k] for k in ("FINETUNE_SWEEPS_CACHE", "RAY_AUTH_MODE", EXTENSIONS_ENV) if k in os.environ}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # TUNE_FUNCTION_THREAD_TIMEOUT_S: how long a reused worker waits for the last trial's thread to end (it frees the
+    # trial's GPU memory, sweeps.trial.releasing) before Ray gives up reusing it and fails the next trial; Ray's is 2 s
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TUNE_FUNCTION_THREAD_TIMEOUT_S="30")
     common = dict(log_to_driver=False, logging_level=logging.ERROR, runtime_env={"env_vars": env})
     if ray.is_initialized():
         return

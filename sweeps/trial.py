@@ -57,9 +57,10 @@ def run_trial(
     def report(values: dict[str, Any], checkpoint=None) -> None:
         state["reports"] += 1
         values = {**values, **gpu}
-        if values.get("done") and "out of memory" in str(values.get("reason", "")) and "mem_cap_gib" in gpu:
-            values["reason"] += (f" (estimated {gpu['mem_estimate_gib']:.2f} GiB; its share {gpu['gpu_share']:g} of a GPU "
-                                 f"was capped at {gpu['mem_cap_gib']:.2f} GiB)")
+        if values.get("done") and "out of memory" in str(values.get("reason", "")) and gpu:
+            cap = f", capped at {gpu['mem_cap_gib']:.2f} GiB" if "mem_cap_gib" in gpu else ""
+            values["reason"] += (f" (estimated {gpu['mem_estimate_gib']:.2f} GiB; its share: {gpu['gpu_share']:g} "
+                                 f"of a GPU{cap})")
         seen = state["seen"]
         seen.update((m, values[m]) for m in metrics if isinstance(values.get(m), (int, float)) and math.isfinite(values[m]))
         # Every result carries the objective: the primary metric's last known value, l0 before the first eval.
@@ -108,10 +109,10 @@ def releasing(work) -> None:
 
 
 def _release_memory() -> None:
-    gc.collect()
     import torch
 
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # on a CPU, reference counting frees it in time
+        gc.collect()  # a full collection takes seconds in a big process: only where the memory is a GPU's
         torch.cuda.empty_cache()
 
 

@@ -44,6 +44,7 @@ search: {{algorithm: grid}}
 space:
   method: [lora]
   learning_rate: {{values: [1.0e-4, 3.0e-4, 1.0e-3, 3.0e-3, 1.0e-2, 3.0e-2, 1.0e-1, 3.0e-1]}}
+  fault: {{values: [null, "oom@3"], when: {{learning_rate: [1.0e-4]}}}}  # out of memory at step 3: that trial alone fails
 pruning: {{rule: none}}
 resources: {{gpu: auto, gpu_memory_gib: {gpu_memory_gib:.4f}}}
 output_dir: {tmp_path / 'out'}
@@ -77,7 +78,12 @@ def test_a_sweep_runs_the_planned_number_of_trials_at_once_each_with_its_gpu(clu
     proc = run_cli(["sweeps/run.py", str(spec), "--address", cluster], timeout=900, env={**TOKEN, "MLFLOW_TRACKING_URI": uri})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     trials = json.loads((tmp_path / "out" / "packed" / "trials.json").read_text())
-    assert len(trials) == 8 and all(t["final"].get("status") == "completed" for t in trials)
+    oom = [t for t in trials if t["config"].get("fault")]
+    assert len(oom) == 1 and oom[0]["outcome"] == "failed", oom
+    reason = oom[0]["final"]["reason"]
+    assert "out of memory at step 3" in reason and "estimated" in reason and "share: 0.5 of a GPU" in reason, reason
+    trials = [t for t in trials if not t["config"].get("fault")]
+    assert len(trials) == 8 and all(t["final"].get("status") == "completed" for t in trials), "the sweep went on"
     for t in trials:
         final = t["final"]
         assert final["gpu_share"] == 0.5 and len(final["gpu_ids"]) == 1, final
