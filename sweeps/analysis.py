@@ -88,6 +88,7 @@ def diagnose(records: list[TrialRecord]) -> list[str]:
     findings.extend(_overfitting(records))
     findings.extend(_forgetting(records))
     findings.extend(edge_findings(records))
+    findings.extend(memory_findings(records))
     return findings
 
 
@@ -307,3 +308,26 @@ def _forgetting(records) -> list[str]:
     if not parts:
         return []
     return ["forgetting (reference-text NLL change, nats, at each method's best LR): " + "; ".join(parts)]
+
+
+def memory_findings(records) -> list[str]:
+    """Per method: the measured peak memory against the estimate the GPU share was sized from (GPU trials), or the
+    peak resident set of a CPU trial's process (which includes the Python runtime, so no estimate is compared)."""
+    out = []
+    for method in methods(records):
+        rows = [r.final for r in _of(records, method) if r.final.get("peak_mem_gib")]
+        if not rows:
+            continue
+        peaks = [f["peak_mem_gib"] for f in rows]
+        sized = [f for f in rows if f.get("mem_estimate_gib") and f.get("gpu_share")]
+        if sized and all(f.get("mem_cap_gib") for f in sized):  # on GPUs: the allocator's peak, what the cap limits
+            ratios = sorted(f["peak_mem_gib"] / f["mem_estimate_gib"] for f in sized)
+            est = max(f["mem_estimate_gib"] for f in sized)
+            out.append(f"{method}: GPU memory peak {min(peaks):.2f}-{max(peaks):.2f} GiB against an estimate of up to "
+                       f"{est:.2f} GiB (peak/estimate {ratios[0]:.2f}-{ratios[-1]:.2f}, median "
+                       f"{ratios[len(ratios) // 2]:.2f}; shares were sized at 1.25x the estimate)")
+        else:
+            out.append(f"{method}: peak resident memory of a trial's process {min(peaks):.2f}-{max(peaks):.2f} GiB "
+                       "(CPU: the whole process, Python and libraries included)")
+    return out
+
