@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from trainer.yamlio import apply_overrides, read_yaml, validate
 
@@ -90,22 +90,17 @@ class TrainConfig(BaseModel):
 
     @field_validator("method")
     @classmethod
-    def _known_method(cls, value: str) -> str:
+    def _known_method(cls, value: str, info: ValidationInfo) -> str:
         from trainer.methods import METHODS
 
         if value not in METHODS:
             raise ValueError(f"unknown method {value!r}; choose one of {', '.join(METHODS)}")
-        return value
-
-    @model_validator(mode="after")
-    def _quantized_base(self) -> TrainConfig:
-        from trainer.methods import METHODS
-
-        if self.quantization and not METHODS[self.method].quantized_base:
+        quantization = info.data.get("quantization")  # declared above method, so already validated
+        if quantization and not METHODS[value].quantized_base:
             takes = [name for name, m in METHODS.items() if m.quantized_base]
-            raise ValueError(f"quantization {self.quantization}: method {self.method} trains the base weights, which "
-                             f"cannot be {self.quantization}; use method {' or '.join(takes)} (QLoRA) or drop quantization")
-        return self
+            raise ValueError(f"method {value} trains the base weights, which cannot be {quantization} (quantization); "
+                             f"use method {' or '.join(takes)} (QLoRA) or drop quantization")
+        return value
 
     @field_validator("fault")
     @classmethod

@@ -19,7 +19,7 @@ CASES = [
     ("missing data", GOOD + "train_data: /nonexistent/x.jsonl\n", [], "/nonexistent/x.jsonl: data file not found"),
     ("unknown model", "model: no-such-model\nmethod: lora\n", [], "unknown model 'no-such-model'"),
     ("4-bit full", "model: tiny\nmethod: full\nquantization: 4bit\n", [],
-     "quantization 4bit: method full trains the base weights, which cannot be 4bit; use method lora (QLoRA)"),
+     "method: method full trains the base weights, which cannot be 4bit (quantization); use method lora (QLoRA)"),
 ]
 
 
