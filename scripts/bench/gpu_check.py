@@ -111,7 +111,8 @@ LLAMA = {
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
 }
-# (label, TrainConfig settings); the last only for the 8B (full fine-tuning with fp32-sized states does not fit)
+# (label, TrainConfig settings). The 8B also gets full with 8-bit AdamW states: torch AdamW's states take the
+# weights' dtype (bf16: 30 GiB at 8B), fp32 ones would not fit 80 GB, and either may not with the rest
 B_ROWS = [("lora", {"method": "lora"}), ("qlora", {"method": "lora", "quantization": "4bit"}), ("full", {"method": "full"})]
 B_ROW_8BIT = ("full", {"method": "full", "optimizer": "adamw_8bit"})
 TORCHTUNE = {"lora": "16.2 GiB, 3083 tok/s", "qlora": "7.4 GiB, 2413 tok/s", "full": "18.9 GiB, 1650 tok/s"}
