@@ -15,8 +15,6 @@ from pathlib import Path
 from trainer.metrics import evaluate, reference_set
 from trainer.models import cache_root, resolve_model_dir
 
-_EVAL_BATCH = 16
-
 
 def get(cfg, model, tokenizer, train_ex, eval_ex, *, device) -> dict:
     """``{"eval": {...}, "train": {...}, "reference_nll": x, "reference_examples": [...]}`` for the base model."""
@@ -29,7 +27,7 @@ def get(cfg, model, tokenizer, train_ex, eval_ex, *, device) -> dict:
     if path.is_file():
         figures = json.loads(path.read_text())
     else:
-        kw = dict(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, batch_size=_EVAL_BATCH, device=device)
+        kw = dict(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, batch_size=cfg.eval_batch_size, device=device)
         figures = {"eval": evaluate(model, eval_ex, **kw)}
         if cfg.memorization:
             figures["train"] = evaluate(model, train_ex, **kw)

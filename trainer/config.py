@@ -146,6 +146,12 @@ class TrainConfig(BaseModel):
         return "eval data: none; the held-out loss is measured on the training set itself"
 
     @property
+    def eval_batch_size(self) -> int:
+        """Evaluation's batch: 16 short records (up to 1,024 tokens), else the training batch, so evaluating never needs
+        more memory than a training step (its logits are batch x seq_len x vocabulary too)."""
+        return max(self.batch_size, min(16, 1024 // self.seq_len))
+
+    @property
     def examples_per_step(self) -> int:
         return self.batch_size * self.grad_accum
 

@@ -32,7 +32,6 @@ from trainer.metrics import block_prefix, change_by_block, evaluate, token_nll, 
 from trainer.models import load_for
 
 Report = Callable[..., None]
-_EVAL_BATCH = 16
 
 
 @dataclass
@@ -209,7 +208,7 @@ def _report(ctx: _Ctx, extra: dict | None = None) -> dict:
     if due and not (extra and "eval_loss" in extra):  # the final report brings its own eval
         t0 = time.perf_counter()
         ev = evaluate(ctx.model, ctx.eval_ex, pad_id=ctx.tokenizer.pad_token_id, eos_id=ctx.tokenizer.eos_token_id,
-                      batch_size=_EVAL_BATCH, device=ctx.device)
+                      batch_size=cfg.eval_batch_size, device=ctx.device)
         state.eval_time += time.perf_counter() - t0
         ctx.last_eval = ev["loss"]
         metrics["eval_loss"] = ev["loss"]
@@ -254,7 +253,7 @@ def _final_metrics(ctx: _Ctx, base: dict) -> dict[str, Any]:
     """Final eval loss, memorization and forgetting, next to the base model's figures."""
     cfg = ctx.cfg
     t0 = time.perf_counter()
-    kw = dict(pad_id=ctx.tokenizer.pad_token_id, eos_id=ctx.tokenizer.eos_token_id, batch_size=_EVAL_BATCH, device=ctx.device)
+    kw = dict(pad_id=ctx.tokenizer.pad_token_id, eos_id=ctx.tokenizer.eos_token_id, batch_size=cfg.eval_batch_size, device=ctx.device)
     ev = evaluate(ctx.model, ctx.eval_ex, **kw)
     ctx.last_eval = ev["loss"]
     out: dict[str, Any] = {"eval_loss": ev["loss"], "eval_prompt_loss": ev["prompt_loss"]}
