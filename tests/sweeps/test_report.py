@@ -17,7 +17,6 @@ from pathlib import Path
 import matplotlib.collections
 import matplotlib.colors
 import matplotlib.image
-import numpy as np
 import pytest
 
 from sweeps.analysis import best_lr, diagnose, final_loss, lr_sensitivity, stable_window
@@ -333,7 +332,8 @@ def test_report_exits_0_and_writes_every_figure_and_the_html(sweep, request):
         if name.endswith(".png"):  # an image at least the smallest figure's size (4.6 x 3 in, 110 dpi), not blank
             image = matplotlib.image.imread(path)
             assert image.shape[0] >= 300 and image.shape[1] >= 450, (name, image.shape)
-            assert len(np.unique(image.reshape(-1, image.shape[-1]), axis=0)) > 16, f"{name}: next to blank"
+            drawn = (image != image[0, 0]).any(axis=-1).mean()  # off the background (the corner's colour)
+            assert drawn > 0.01, f"{name}: next to blank ({drawn:.1%} of its pixels drawn on)"
     assert f"report: {folder / 'report' / 'report.html'}" in output
 
 
