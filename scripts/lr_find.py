@@ -7,8 +7,10 @@
 One short run per method with the LR ramped exponentially from --start to --end, --per-decade steps a
 decade (Smith 2015; fastai's lr_find, Lightning's finder). It stops by itself once the smoothed loss
 passes 4x its minimum. The rule (``sweeps.lr_range``): smooth over half a decade, skip the start-up
-stretch, propose a decade either side of the smoothed minimum, never past where the loss blew up; why
-that rule, and not the steepest descent or fastai's valley, is in that module's docstring.
+stretch, propose a decade either side of the smoothed minimum. The upper bound may lie past where the
+ramp's loss blew up (the "diverged" column): by then the ramp has trained several epochs, the sweep's
+shorter trials diverge higher, and the sweep needs LRs past its edge to find it. Why that rule, and not
+the steepest descent or fastai's valley, is in that module's docstring.
 
 Prints a table and the ``space.learning_rate`` block (per_method bounds) to paste into a sweep spec;
 writes it to OUT/learning_rate.yaml with the plot (lr_find.png) and the curves (lr_find.json);

@@ -246,9 +246,12 @@ class MlflowWriter(Callback):
     def __init__(self, tracker: Tracker, sweep: str, flush_every: int = 4):
         self.tracker, self.sweep, self.flush_every = tracker, sweep, flush_every
         self._buffers: dict[str, list] = {}
+        # trials whose l0 point this process has buffered: while MLflow is down their points are queued, so
+        # tracker.last_step stays -1 and, without this, every emptied buffer took the l0 point again
+        self._l0_buffered: set[str] = set()
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_buffers": {}}
+    def __getstate__(self) -> dict:  # points still buffered are not kept: neither is the note that l0 was among them
+        return {**self.__dict__, "_buffers": {}, "_l0_buffered": set()}
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._create(trial)
@@ -263,10 +266,12 @@ class MlflowWriter(Callback):
             return  # a resumed trial re-reporting points already logged
         ts = int(time.time() * 1000)
         buf = self._buffers.setdefault(trial.trial_id, [])
-        if self.tracker.last_step(trial.trial_id) < 0 and not buf and isinstance(result.get("l0"), float):
+        if (self.tracker.last_step(trial.trial_id) < 0 and trial.trial_id not in self._l0_buffered and not buf
+                and isinstance(result.get("l0"), float)):
             # the held-out loss before training (l0) is the eval curve's point at 0 examples; logged first, it is
             # also the metric MLflow's compare page puts against the params by default
             buf.append(("eval_loss", float(result["l0"]), ts, 0))
+            self._l0_buffered.add(trial.trial_id)
         for key in LOGGED_METRICS:
             value = result.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):

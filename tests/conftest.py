@@ -1,7 +1,9 @@
 """Shared fixtures. Tests run the real torch/transformers/peft (and Ray, Optuna, MLflow) on the tiny model."""
 from __future__ import annotations
 
+import math
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -78,3 +80,30 @@ def stop_ray_nodes_under(temp_dir: Path) -> None:
                 os.kill(int(pid_dir.name), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def table(text: str, header: str) -> list[dict[str, str]]:
+    """The rows of the Markdown table a command printed under the line that starts with ``header``: {column: cell}."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith(header)), None)
+    assert start is not None, f"no table {header!r} in:\n{text[-3000:]}"
+
+    def cells(line: str) -> list[str]:
+        return [cell.strip() for cell in line.strip()[1:-1].split("|")]
+
+    columns, rows = cells(lines[start]), []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(columns, cells(line))))
+    assert rows, f"table {header!r} has no rows"
+    return rows
+
+
+def number(cell: str) -> float:
+    """The first number in a table cell, which must be finite: '1,000' 1000, '1.06x' 1.06, '17% (target >= 30%)' 17."""
+    match = re.search(r"-?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?", cell)
+    assert match, f"no number in {cell!r}"
+    value = float(match.group().replace(",", ""))
+    assert math.isfinite(value), cell
+    return value

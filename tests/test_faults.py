@@ -253,8 +253,19 @@ def test_mlflow_server_stopped_mid_sweep_the_sweep_completes_and_logs_once_back(
     try:
         again = run_cli(["sweeps/run.py", str(spec), "--resume"], timeout=600, env={"MLFLOW_TRACKING_URI": uri})
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-        _, children = _children(uri, "serverdown")
+        client, children = _children(uri, "serverdown")
         assert len(children) == 4 and all(c.info.status != "RUNNING" for c in children)
         assert not (sweep_dir / "mlflow_pending.jsonl").exists()
+        # once back, and once only: the points kept while the server was down are not logged again on top of those
+        # that got through: each metric has one point per step, and train_loss one per report of the trial
+        reports = {t["trial_id"]: [row["examples_seen"] for row in t["history"] if row.get("train_loss") is not None]
+                   for t in _trials(tmp_path, "serverdown")}
+        for child in children:
+            trial = child.data.tags["trial_id"]
+            for key in child.data.metrics:
+                steps = [m.step for m in client.get_metric_history(child.info.run_id, key)]
+                assert len(steps) == len(set(steps)), f"{trial}: {key} logged twice at a step: {sorted(steps)}"
+            train = sorted(m.step for m in client.get_metric_history(child.info.run_id, "train_loss"))
+            assert train == reports[trial] and len(train) == 8, trial  # 2 epochs x 16 facts / batch 4, a report a step
     finally:
         os.killpg(server.pid, signal.SIGKILL)

@@ -70,11 +70,17 @@ def test_no_secret_from_the_environment_reaches_mlflow_or_exports(sweep, tmp_pat
     from mlflow.tracking import MlflowClient
 
     sweep_dir, env = sweep
-    run_cli(["scripts/export_best.py", str(sweep_dir), "--out", str(tmp_path)], env=env)
+    proc = run_cli(["scripts/export_best.py", str(sweep_dir), "--out", str(tmp_path)], env=env)
+    assert proc.returncode == 0, proc.stderr  # a failed export writes nothing, and an empty folder hides no secret
+    exported = sorted(f.name for f in tmp_path.iterdir())
+    assert {"best.yaml", "hf_training_args.json", "openai.json", "provenance.json"} <= set(exported), exported
     for f in tmp_path.iterdir():
         assert SECRET not in f.read_text(), f
+    assert SECRET not in proc.stdout + proc.stderr
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("smoke")
-    for run in client.search_runs([exp.experiment_id]):
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 5, "the sweep's parent run and its 4 trials' runs"
+    for run in runs:
         blob = json.dumps([run.data.params, run.data.tags])
         assert SECRET not in blob

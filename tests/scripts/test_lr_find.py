@@ -32,6 +32,20 @@ def test_a_curve_that_never_diverges_proposes_ten_times_its_minimum():
     assert s["diverge"] is None and s["high"] == pytest.approx(s["min_loss"] * 10, rel=0.05)
 
 
+def test_the_upper_bound_is_a_decade_above_the_minimum_even_past_the_ramps_blow_up():
+    """The blow-up is reported, not used as a bound (scripts/lr_find.py says so): on lr.yaml, full's ramp passed
+    4x its minimum at 5.6e-3 while the sweep's 2-epoch trials diverged only from 1e-2."""
+    lrs = [10 ** (-6 + i / 12) for i in range(61)]
+
+    def loss(lr):  # falls to a floor by 1e-3, then blows up e^8 a decade: 4x its minimum within 0.2 decades
+        u = math.log10(lr)
+        return (1 + 4 / (1 + math.exp(3 * (u + 4)))) * math.exp(8 * max(0.0, u + 3))
+
+    s = suggest(lrs, [loss(lr) for lr in lrs])
+    assert s["diverge"] is not None and s["min_loss"] < s["diverge"] < s["high"] / 2
+    assert s["high"] == pytest.approx(float(f"{s['min_loss']:.2g}") * 10)
+
+
 @pytest.mark.parametrize("per_decade", [8, 12, 20])
 def test_a_noisy_start_a_valley_and_a_blow_up_give_two_decades_around_the_valley(per_decade):
     """Like lr.yaml's curves: a ramp from 1e-6, batches whose losses differ by 2x, a start-up stretch whose first

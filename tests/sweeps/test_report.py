@@ -14,9 +14,13 @@ import math
 import re
 from pathlib import Path
 
+import matplotlib.collections
+import matplotlib.colors
+import matplotlib.image
 import pytest
 
 from sweeps.analysis import best_lr, diagnose, final_loss, lr_sensitivity, stable_window
+from sweeps.figures import OUTCOME_COLORS
 from sweeps.records import TrialRecord, save_records
 from tests.conftest import run_cli
 
@@ -263,13 +267,23 @@ def _sweep(root: Path, name: str, records: list[TrialRecord]) -> Path:
     return folder
 
 
-def _report_in_process(folder: Path) -> tuple[int, str]:
+def _report_in_process(folder: Path) -> tuple[int, str, dict]:
+    """Exit code, printed output, and the figures the report drew, by the name of the PNG each was saved as."""
+    from matplotlib.figure import Figure
+
     from sweeps.report import main
 
+    drawn, savefig = {}, Figure.savefig
+
+    def keep(fig, fname, *args, **kwargs):  # the figure functions close their figures: keep each to read it back
+        drawn[Path(fname).name] = fig
+        return savefig(fig, fname, *args, **kwargs)
+
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    with contextlib.redirect_stdout(out), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Figure, "savefig", keep)
         code = main([str(folder)])
-    return code, out.getvalue()
+    return code, out.getvalue(), drawn
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +293,7 @@ def all_diverged(tmp_path_factory):
     records += [_converged("lora", 1e-4, bs, 1.2) for bs in (8, 16)] + [_converged("lora", 1e-3, 8, 1.0)]
     folder = _sweep(tmp_path_factory.mktemp("a"), "all-diverged", records)
     proc = run_cli(["sweeps/report.py", str(folder)], timeout=120)
-    return folder, proc.returncode, proc.stdout + proc.stderr
+    return folder, proc.returncode, proc.stdout + proc.stderr, {}  # its figures were drawn in that process
 
 
 @pytest.fixture(scope="module")
@@ -310,17 +324,22 @@ SWEEPS = ["all_diverged", "one_batch_size", "with_failures", "all_failed"]
 
 @pytest.mark.parametrize("sweep", SWEEPS)
 def test_report_exits_0_and_writes_every_figure_and_the_html(sweep, request):
-    folder, code, output = request.getfixturevalue(sweep)
+    folder, code, output, _ = request.getfixturevalue(sweep)
     assert code == 0, output
     for name in FILES:
         path = folder / "report" / name
         assert path.is_file() and path.stat().st_size > 0, name
+        if name.endswith(".png"):  # an image at least the smallest figure's size (4.6 x 3 in, 110 dpi), not blank
+            image = matplotlib.image.imread(path)
+            assert image.shape[0] >= 300 and image.shape[1] >= 450, (name, image.shape)
+            drawn = (image != image[0, 0]).any(axis=-1).mean()  # off the background (the corner's colour)
+            assert drawn > 0.01, f"{name}: next to blank ({drawn:.1%} of its pixels drawn on)"
     assert f"report: {folder / 'report' / 'report.html'}" in output
 
 
 @pytest.mark.parametrize("sweep", SWEEPS)
 def test_report_html_is_self_contained(sweep, request):
-    folder, _, _ = request.getfixturevalue(sweep)
+    folder, _, _, _ = request.getfixturevalue(sweep)
     text = (folder / "report" / "report.html").read_text()
     sources = re.findall(r"""(?:src|href)\s*=\s*['"]([^'"]*)""", text)
     assert len(sources) == len(FILES) - 1 and all(s.startswith("data:image/png;base64,") for s in sources)
@@ -328,32 +347,93 @@ def test_report_html_is_self_contained(sweep, request):
 
 
 def test_report_says_the_method_that_always_diverged_did(all_diverged):
-    folder, _, output = all_diverged
+    folder, _, output, _ = all_diverged
     finding = "full: every trial diverged (4/4), even at lr 1e-4: lower the learning-rate range"
     assert f"- {finding}" in output
     assert finding in (folder / "report" / "report.html").read_text()
 
 
 def test_report_with_one_batch_size_makes_no_batch_size_claim(one_batch_size):
-    _, _, output = one_batch_size
+    _, _, output, _ = one_batch_size
     assert "full: diverged at lr >= 1e-3 (1/1 trials)" in output
     assert "batch size" not in output
 
 
+def _panels(figure) -> dict[str, object]:
+    """A figure's panels by the method each is titled with (its title's first word)."""
+    return {re.split(r"[\s:]", ax.get_title())[0]: ax for ax in figure.axes if ax.get_title()}
+
+
+def _squares(ax) -> list[tuple[float, str]]:
+    """The map panel's trials: (learning rate, outcome by colour), in drawing order."""
+    by_color = {matplotlib.colors.to_hex(c): o for o, c in OUTCOME_COLORS.items()}
+    return [(c.get_offsets()[0][0], by_color[matplotlib.colors.to_hex(c.get_facecolor()[0])])
+            for c in ax.collections if isinstance(c, matplotlib.collections.PathCollection)]
+
+
+# one_batch_size's trials, as its figures must show them: (lr, outcome, final eval loss; a diverged one at l0)
+ONE_BS = {"full": [(1e-5, "converged", 1.5), (1e-4, "converged", 1.0), (1e-3, "diverged", L0)],
+          "lora": [(1e-3, "converged", 1.1)]}
+
+
+def test_report_map_draws_each_trial_at_its_lr_in_its_outcomes_colour_with_its_loss(one_batch_size):
+    panels = _panels(one_batch_size[3]["map.png"])
+    assert list(panels) == list(ONE_BS)
+    for method, trials in ONE_BS.items():
+        assert _squares(panels[method]) == [(lr, outcome) for lr, outcome, _ in trials], method
+        assert [t.get_text() for t in panels[method].texts] == [f"{loss:.2f}" for *_, loss in trials], method
+    assert panels["full"].get_title() == "full\nstable 1e-4 .. 1e-4"
+
+
+def test_report_method_panel_draws_final_loss_against_lr_and_marks_the_best(one_batch_size):
+    panels = _panels(one_batch_size[3]["methods.png"])
+    assert list(panels) == list(ONE_BS)
+    for method, trials in ONE_BS.items():
+        lines = {line.get_label(): line for line in panels[method].get_lines()}
+        assert list(lines["bs 8"].get_xdata()) == [lr for lr, *_ in trials], method
+        assert list(lines["bs 8"].get_ydata()) == pytest.approx([loss for *_, loss in trials]), method
+        assert list(lines["l0 (base)"].get_ydata()) == [L0, L0]
+    best = {m: next(ln.get_xdata()[0] for ln in panels[m].get_lines() if ln.get_label().startswith("best")) for m in ONE_BS}
+    assert best == {"full": 1e-4, "lora": 1e-3}
+
+
+def test_report_curves_draw_every_trials_train_loss_dashed_when_it_diverged(one_batch_size):
+    panels = _panels(one_batch_size[3]["curves.png"])
+    assert list(panels) == list(ONE_BS)
+    for method, trials in ONE_BS.items():
+        train = [ln for ln in panels[method].get_lines() if ln.get_linestyle() in ("-", "--")]
+        assert [ln.get_linestyle() for ln in train] == ["--" if o == "diverged" else "-" for _, o, _ in trials], method
+        # the diverged trial's curve ends at the loss it blew up to (_diverged's last report)
+        assert [ln.get_ydata()[-1] for ln in train if ln.get_linestyle() == "--"] == [9.0 for _, o, _ in trials
+                                                                                      if o == "diverged"], method
+        evals = [ln for ln in panels[method].get_lines() if ln.get_marker() == "o"]
+        assert [ln.get_ydata()[-1] for ln in evals] == pytest.approx([loss for _, o, loss in trials if o != "diverged"])
+
+
+def test_report_figures_of_a_method_that_only_failed_say_so(with_failures):
+    drawn = with_failures[3]
+    lora = _panels(drawn["map.png"])["lora"]
+    assert _squares(lora) == [(1e-4, "failed"), (1e-3, "failed")]
+    assert [t.get_text() for t in lora.texts] == ["fail", "fail"]
+    assert "lora: no finished trial" in [t.get_text() for ax in drawn["methods.png"].axes for t in ax.texts]
+    full = {ln.get_label(): ln for ln in _panels(drawn["methods.png"])["full"].get_lines()}
+    assert list(full["bs 8"].get_xdata()) == [1e-5, 1e-4], "the failed trial at 1e-3 has no point"
+
+
 def test_report_says_which_method_failed_and_why(with_failures):
-    folder, _, output = with_failures
+    folder, _, output, _ = with_failures
     assert f"- lora: all 2 trial(s) failed ({OOM})" in output
     assert f"lora: all 2 trial(s) failed ({OOM})" in (folder / "report" / "report.html").read_text()
 
 
 def test_report_counts_failed_trials_of_a_method_that_also_finished(with_failures):
-    _, _, output = with_failures
+    _, _, output, _ = with_failures
     line = next(ln for ln in output.splitlines() if ln.startswith("- full: "))
     assert line.endswith("; 1 failed")
 
 
 def test_report_table_marks_every_failed_trial_with_its_error(with_failures):
-    folder, _, _ = with_failures
+    folder, _, _, _ = with_failures
     text = (folder / "report" / "report.html").read_text()
     assert text.count(">failed</span></td>") == 3
     assert text.count(OOM) >= 3
@@ -361,7 +441,7 @@ def test_report_table_marks_every_failed_trial_with_its_error(with_failures):
 
 def test_report_on_an_empty_sweep_is_a_user_error_with_exit_code_2(tmp_path):
     folder = _sweep(tmp_path, "empty", [])
-    code, _ = _report_in_process(folder)
+    code, _, _ = _report_in_process(folder)
     assert code == 2
 
 

@@ -11,6 +11,10 @@ from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
+# smoke.yaml's 2x2 grid on the tiny model, as it ends: no fault and LRs it survives, so every trial runs its 8 steps;
+# full at 3e-2 learns (63% of l0 gained), the other three gain under 10% of l0 in that budget (1-5%): slow
+SMOKE = {("full", 0.001): "slow", ("full", 0.03): "converged", ("lora", 0.001): "slow", ("lora", 0.03): "slow"}
+
 
 def _runs(uri: str, experiment: str):
     client = MlflowClient(tracking_uri=uri)
@@ -41,10 +45,9 @@ def test_smoke_sweep_records_every_trial_in_mlflow(smoke_sweep):
         history = client.get_metric_history(child.info.run_id, "train_loss")
         assert len(history) >= 4, "a loss point per report"
         assert [m.step for m in history] == sorted(m.step for m in history)
-        assert child.data.tags["outcome"] in ("completed", "pruned", "diverged", "failed")
-        assert child.data.tags.get("classification")
-        assert child.data.params["method"] in ("full", "lora")
-        assert child.info.status in ("FINISHED", "KILLED", "FAILED")
+    ended = {(c.data.params["method"], float(c.data.params["learning_rate"])):
+             (c.data.tags["outcome"], c.data.tags["classification"], c.info.status) for c in children}
+    assert ended == {cell: ("completed", outcome, "FINISHED") for cell, outcome in SMOKE.items()}
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert "report/map.png" in artifacts and "report/report.html" in artifacts
     assert parent.data.tags["spec_digest"] and parent.data.tags["git_sha"]
@@ -54,10 +57,10 @@ def test_smoke_sweep_leaves_an_optuna_study_and_a_summary(smoke_sweep):
     sweep_dir, _, stdout = smoke_sweep
     study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
     assert len(study.trials) == 4
-    assert all(t.state.is_finished() for t in study.trials)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials), "none pruned, none failed"
     assert {t.user_attrs["method"] for t in study.trials} == {"full", "lora"}
     trials = json.loads((sweep_dir / "trials.json").read_text())
-    assert len(trials) == 4 and all(t["outcome"] for t in trials)
+    assert {(t["config"]["method"], t["config"]["learning_rate"]): t["outcome"] for t in trials} == SMOKE
     for word in ("trial", "method", "outcome", "eval_loss", "best:", "mlflow/serve"):
         assert word in stdout
     assert (sweep_dir / "report" / "report.html").is_file()
