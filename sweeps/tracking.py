@@ -125,8 +125,8 @@ class Tracker:
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
-            client = MlflowClient(tracking_uri=self.uri)
             with store_lock(self.uri):  # a new SQLite store's schema is built here, by one sweep at a time
+                client = MlflowClient(tracking_uri=self.uri)
                 client.search_experiments(max_results=1)
             self._client = client
         return self._client
