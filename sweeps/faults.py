@@ -100,6 +100,9 @@ def as_storage_problem(exc: BaseException, default_path: str | Path | None = Non
 
 
 def _path_in(text: str) -> str | None:
+    """A file path in an error's message (its last line: not a traceback's source files)."""
+    lines = [ln for ln in (text or "").splitlines() if ln.strip()]
+    text = lines[-1] if lines else ""
     match = re.search(r"'(/[^']+)'|\"(/[^\"]+)\"|(?<![\w/])(/(?:[\w.+=,@-]+/)+[\w.+=,@-]+)", text)
     return next((g for g in match.groups() if g), None) if match else None
 

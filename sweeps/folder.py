@@ -55,8 +55,9 @@ class StopOnStorageFault(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         found = result.get("storage_problem")
-        if isinstance(found, dict):
-            raise StorageProblem(found.get("why") or "no space left on device", found.get("path"), found.get("what"))
+        if isinstance(found, dict):  # the trial could not store its checkpoint (sweeps.trial), in its own folder
+            raise StorageProblem(found.get("why") or "no space left on device", found.get("path") or trial.path,
+                                 "a trial checkpoint")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self._check_error(trial)
