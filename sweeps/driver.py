@@ -219,7 +219,7 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, writer, resume: bool):
     from ray import tune
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig
 
-    from sweeps.folder import StopOnStorageFault, TrialFiles
+    from sweeps.folder import MachineFaults, TrialFiles
     from sweeps.progress import ProgressPrinter
     from sweeps.pruning import PruningSearch, make_pruner
     from sweeps.space import DefineByRun, GridSpace, make_sampler, n_trials
@@ -271,7 +271,7 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, writer, resume: bool):
                                reuse_actors=True),
         run_config=RunConfig(
             name=spec.name, storage_path=str(sweep_dir.parent), stop=bridge,
-            callbacks=[StopOnStorageFault(), TrialFiles(), writer, progress],  # the files first, in the sweep folder
+            callbacks=[MachineFaults(), TrialFiles(), writer, progress],  # the files first, in the sweep folder
             failure_config=FailureConfig(max_failures=spec.failure.max_retries),
             checkpoint_config=CheckpointConfig(num_to_keep=1), verbose=0,
         ),

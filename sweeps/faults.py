@@ -196,6 +196,30 @@ def stopped_cleanly(resume: str) -> Iterator[None]:
         raise
 
 
+def survive_memory_monitor() -> None:
+    """Let a trial whose worker Ray's memory monitor killed fail like any dead worker, instead of ending the sweep.
+
+    Ray 2.60's actor manager (``RayActorManager._actor_task_failed``) raises on an actor task that ended in
+    ``OutOfMemoryError``, which is neither the ``RayActorError`` nor the ``RayTaskError`` it expects, and that
+    ends ``Tuner.fit`` with a traceback. The worker is dead (killed), so the error is handed on as the actor's
+    death, as Ray itself does when the kill comes while the actor starts: Tune fails the trial (retried under
+    ``failure.max_retries``) with the monitor's message, which ``sweeps.records`` reads as ``HOST_OOM``."""
+    from ray.air.execution._internal import actor_manager
+    from ray.exceptions import OutOfMemoryError, RayActorError
+
+    original = actor_manager.RayActorManager._actor_task_failed
+    if getattr(original, "survives_memory_monitor", False):
+        return
+
+    def _actor_task_failed(self, tracked_actor_task, exception):
+        if isinstance(exception, OutOfMemoryError):
+            exception = RayActorError(error_msg=f"OutOfMemoryError: {exception}")
+        return original(self, tracked_actor_task, exception)
+
+    _actor_task_failed.survives_memory_monitor = True
+    actor_manager.RayActorManager._actor_task_failed = _actor_task_failed
+
+
 class StorageLogFilter(logging.Filter):
     """On a library's log handlers: a record about a full disk or an unwritable store is not printed (no
     traceback); the first is kept in ``seen`` for the sweep to stop with one line."""

@@ -5,7 +5,7 @@ the sweep folder with its own state, every 10 s or more. A driver killed in betw
 left a trial that had finished (told to Optuna, logged to MLflow) without its results in the sweep folder, or
 without its folder at all. ``TrialFiles`` writes each trial's ``params.json`` when it is created (also when its
 worker was killed before it started) and appends each result to its ``result.json`` before any other callback
-sees it; ``sweeps.collect`` reads those. ``StopOnStorageFault`` ends the sweep with one line when a file cannot
+sees it; ``sweeps.collect`` reads those. ``MachineFaults`` ends the sweep with one line when a file cannot
 be written (a full disk, a read-only store): a trial's checkpoint (``sweeps.trial`` reports it), this folder,
 or Ray's own state (its log record, kept off the terminal by ``sweeps.faults.StorageLogFilter``).
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from ray.tune import Callback
 from ray.tune.utils.util import SafeFallbackEncoder
 
-from sweeps.faults import LOG_FILTER, StorageProblem, append_line, atomic_write, problem_in
+from sweeps.faults import LOG_FILTER, StorageProblem, append_line, atomic_write, problem_in, survive_memory_monitor
 
 
 class TrialFiles(Callback):
@@ -46,12 +46,14 @@ class TrialFiles(Callback):
             atomic_write(path, json.dumps(trial.config, indent=2, sort_keys=True, cls=SafeFallbackEncoder))
 
 
-class StopOnStorageFault(Callback):
-    """Raise the first write that failed for lack of space or permission, out of ``Tuner.fit``: the driver turns it
-    into one line and exit code 3. Ray's saved state then is the last one written whole, which ``--resume`` reads."""
+class MachineFaults(Callback):
+    """Faults of the machine, from inside ``Tuner.fit``: the first write that failed for lack of space or
+    permission is raised out of it (the driver turns it into one line and exit code 3; Ray's saved state then is
+    the last one written whole, which ``--resume`` reads); a worker Ray's memory monitor kills fails its trial."""
 
     def setup(self, **info):
         LOG_FILTER.install()  # Ray's handlers exist by now
+        survive_memory_monitor()  # and a worker Ray's memory monitor kills fails its trial, not the sweep
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         found = result.get("storage_problem")

@@ -246,8 +246,9 @@ def test_mlflow_server_stopped_mid_sweep_the_sweep_completes_and_logs_once_back(
         for p in (proc, server):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
-    assert proc.returncode == 0, out[-3000:]
-    assert "could not be logged" in out and "mlflow_pending.jsonl" in out
+    assert proc.returncode == 3, out[-3000:]  # the sweep ran, MLflow does not have all of it yet
+    last = out.strip().splitlines()[-1]
+    assert "could not be written" in last and "mlflow_pending.jsonl" in last and "--resume" in last, last
     assert (sweep_dir / "mlflow_pending.jsonl").is_file()
     server = _mlflow_server(store, port)
     try:
@@ -434,13 +435,27 @@ def test_driver_sigkilled_a_second_after_a_trial_completes_loses_nothing(tmp_pat
     assert sum(t.state.name == "COMPLETE" for t in study.trials) == 3
 
 
+def _used_memory() -> int:
+    """Host memory in use as Ray's memory monitor counts it: the cgroup's usage less its inactive page cache."""
+    for usage, stat, inactive in (("/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat", "inactive_file"),
+                                  ("/sys/fs/cgroup/memory/memory.usage_in_bytes", "/sys/fs/cgroup/memory/memory.stat",
+                                   "total_inactive_file")):
+        if Path(usage).is_file() and Path(stat).is_file():
+            stats = dict(line.split() for line in Path(stat).read_text().splitlines() if len(line.split()) == 2)
+            return int(Path(usage).read_text()) - int(stats.get(inactive, 0))
+    meminfo = dict(ln.split(":", 1) for ln in Path("/proc/meminfo").read_text().splitlines())
+    return (int(meminfo["MemTotal"].split()[0]) - int(meminfo["MemAvailable"].split()[0])) * 1024
+
+
+def _total_memory() -> int:
+    return int(Path("/proc/meminfo").read_text().split()[1]) * 1024  # MemTotal, the monitor's limit without a cgroup one
+
+
 def test_a_worker_killed_by_rays_memory_monitor_fails_its_trial_and_the_sweep_goes_on(tmp_path, tiny_model_dir):
     """One trial takes host memory (hog@2) until Ray's memory monitor, set just above what the host uses now, kills
     its worker: that trial is failed as "host out of memory (Ray's memory monitor)", the other finishes, the
     findings count the failure and the sweep exits 0."""
-    from ray._private.utils import get_system_memory, get_used_memory  # the monitor's own measure
-
-    threshold = min(0.9, (get_used_memory() + (3 << 30)) / get_system_memory())  # 3 GiB above today's use
+    threshold = min(0.9, (_used_memory() + (5 << 30)) / _total_memory())  # 5 GiB above what the host uses now
     spec = _spec(tmp_path, "hostoom", '  fault: [null, "hog@2"]')
     spec.write_text(spec.read_text().replace("search: {algorithm: grid}", "search: {algorithm: grid, max_concurrent: 1}"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
