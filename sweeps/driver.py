@@ -33,7 +33,7 @@ def tracking_uri(spec: SweepSpec) -> str:
 # Ray's own console output: its table prints every internal key and TensorBoard warnings; ours is sweeps.progress.
 _QUIET_RAY = {
     "RAY_AIR_NEW_OUTPUT": "0",
-    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # we add the JSON logger (result.json) ourselves; no TensorBoard/CSV
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # result.json: sweeps.folder writes it; no TensorBoard/CSV
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     "RAY_DEDUP_LOGS": "0",
     "MLFLOW_LOGGING_LEVEL": "WARNING",  # not "Creating initial MLflow database tables..."
