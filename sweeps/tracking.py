@@ -2,11 +2,15 @@
 
 Trials never write to MLflow: one writer means no SQLite lock contention and no
 lost runs when a trial process dies. Every MLflow call is retried; what still
-fails (a stopped tracking server) is queued in memory and in
-``mlflow_pending.jsonl`` and replayed when the server answers again, at the
-end of the sweep, or on ``--resume``. The trial -> run map lives in
-``mlflow.json`` in the sweep folder and is checked against MLflow's own tags,
-so a resumed sweep reattaches to its runs and never duplicates them.
+fails (a stopped tracking server, a full or read-only store; the sweep's parent
+run too) is queued in memory and in ``mlflow_pending.jsonl`` and replayed when
+the server answers again, at the end of the sweep, or on ``--resume``; what is
+still queued at the end is the sweep's last line (exit code 3). The trial -> run
+map lives in ``mlflow.json`` in the sweep folder and is checked against MLflow's
+own tags, so a resumed sweep reattaches to its runs and never duplicates them.
+At the end ``Tracker.catch_up`` brings MLflow up to the sweep folder (what a
+killed driver or a full disk left unlogged). A new SQLite store is created
+under a lock (``sweeps.faults.store_lock``): two sweeps may start at once.
 """
 from __future__ import annotations
 
