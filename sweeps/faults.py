@@ -239,8 +239,8 @@ class StorageLogFilter(logging.Filter):
         return False
 
     def install(self) -> StorageLogFilter:
-        """On every handler of the root logger and of Ray's (Ray prints through its own)."""
-        for name in ("", "ray", "ray.tune", "ray.train"):
+        """On every handler of the root logger and of the libraries that print through their own."""
+        for name in ("", "ray", "ray.tune", "ray.train", "optuna", "mlflow", "sqlalchemy", "alembic"):
             for handler in logging.getLogger(name).handlers:
                 if self not in handler.filters:
                     handler.addFilter(self)
