@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sweeps.records import HISTORY_KEYS, NOT_SETTINGS, Status, TrialRecord, error_lines, read_stops, trial_outcome
+from sweeps.records import HISTORY_KEYS, NOT_SETTINGS, RESTARTED, Status, TrialRecord, error_lines, read_stops, trial_outcome
 from trainer.errors import UserError
 
 
@@ -43,11 +43,27 @@ def collect_records(sweep_dir: Path) -> list[TrialRecord]:
     mlflow_map = _json(sweep_dir / "mlflow.json").get("runs", {})
     base = _base_config(sweep_dir)
     records = []
-    for trial_dir in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / "params.json").is_file()):
+    for trial_dir in trial_dirs(sweep_dir):
         record = _record(trial_dir, stops, mlflow_map, base)
         if record is not None:
             records.append(record)
     return sorted(records, key=lambda r: r.trial_id)
+
+
+def trial_dirs(sweep_dir: Path) -> list[Path]:
+    """The sweep's trial folders; not one a resume restarted under another trial id (``RESTARTED``)."""
+    return sorted(p for p in Path(sweep_dir).iterdir()
+                  if p.is_dir() and (p / "params.json").is_file() and not (p / RESTARTED).exists())
+
+
+def trial_results(sweep_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """trial id -> its reports, oldest first, as its result.json holds them."""
+    out = {}
+    for trial_dir in trial_dirs(sweep_dir):
+        lines = _results(trial_dir / "result.json")
+        if lines and lines[-1].get("trial_id"):
+            out[lines[-1]["trial_id"]] = lines
+    return out
 
 
 def _base_config(sweep_dir: Path) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import socket
 import time
 from pathlib import Path
 
+from sweeps.faults import atomic_write
 from sweeps.spec import SweepSpec
 from trainer.errors import UserError
 from trainer.methods import EXTENSIONS_ENV
@@ -31,10 +32,11 @@ def tracking_uri(spec: SweepSpec) -> str:
 # Ray's own console output: its table prints every internal key and TensorBoard warnings; ours is sweeps.progress.
 _QUIET_RAY = {
     "RAY_AIR_NEW_OUTPUT": "0",
-    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # we add the JSON logger (result.json) ourselves; no TensorBoard/CSV
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # result.json: sweeps.folder writes it; no TensorBoard/CSV
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     "RAY_DEDUP_LOGS": "0",
     "MLFLOW_LOGGING_LEVEL": "WARNING",  # not "Creating initial MLflow database tables..."
+    "TUNE_PRINT_ALL_TRIAL_ERRORS": "0",  # a failed trial is one line (sweeps.progress); its traceback is in error.txt
 }
 
 
@@ -57,7 +59,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
         if line:
             print(line, flush=True)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "spec.json").write_text(json.dumps({"digest": spec.digest(), "spec": spec.model_dump(mode="json")}, indent=1))
+    atomic_write(sweep_dir / "spec.json", json.dumps({"digest": spec.digest(), "spec": spec.model_dump(mode="json")}, indent=1))
 
     from sweeps.tracking import MlflowWriter, Tracker, configure_client_timeouts
 
@@ -82,7 +84,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
 
     records = collect_records(sweep_dir)
     finished = len([r for r in records if r.final.get("done") or r.error or r.stopped_by])
-    finish_sweep(spec, sweep_dir, records, tracker, parent, wall_s=wall)
+    left = finish_sweep(spec, sweep_dir, records, tracker, parent, wall_s=wall)
     if spec.search.refine:  # the searcher ends a refining sweep: it is complete when it said so
         from sweeps.pruning import search_finished
 
@@ -94,6 +96,12 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
         print(f"\n{why}the sweep stopped with {finished}/{len(records) if spec.search.refine else n_total} trials finished; "
               "continue it with:\n"
               f"  python sweeps/run.py {spec.source} --resume", flush=True)
+    if left:  # the sweep's last line: MLflow does not have all of it yet
+        from sweeps.faults import Incomplete
+
+        raise Incomplete(f"mlflow: {left} operation(s) could not be written to {tracker.uri} ({tracker.why}); they "
+                         f"are kept in {sweep_dir / 'mlflow_pending.jsonl'}. Replay them with: "
+                         f"python sweeps/run.py {spec.source} --resume")
     return sweep_dir
 
 
@@ -222,8 +230,8 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, writer, resume: bool, placer):
     import optuna
     from ray import tune
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig
-    from ray.tune.logger import JsonLoggerCallback
 
+    from sweeps.folder import MachineFaults, TrialFiles
     from sweeps.progress import ProgressPrinter
     from sweeps.pruning import PruningSearch, make_pruner
     from sweeps.space import DefineByRun, GridSpace, make_sampler, n_trials
@@ -237,9 +245,15 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, writer, resume: bool, placer):
 
         total_examples = math.ceil(base.epochs * len(run_records(base)[0]))  # after the held-out split
     failure = spec.failure
+    ended = {}
+    if resume:  # what a hard kill left Ray's saved state without (sweeps.resume)
+        from sweeps.resume import ended_trials, keep_restorable
+
+        ended = ended_trials(sweep_dir)
+        keep_restorable(sweep_dir, ended)
     trainable = tune.with_parameters(
         run_trial, base=base, metrics=spec.search.metrics, checkpoint_every=failure.checkpoint_every,
-        stall_s=failure.stall_s, setup_s=failure.setup_s,
+        stall_s=failure.stall_s, setup_s=failure.setup_s, ended=ended,
     )
     trainable = tune.with_resources(trainable, placer)  # per trial, from its settings (sweeps.placement)
     n_total = n_trials(spec)
@@ -267,7 +281,8 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, writer, resume: bool, placer):
                                max_concurrent_trials=spec.search.max_concurrent,
                                reuse_actors=True),
         run_config=RunConfig(
-            name=spec.name, storage_path=str(sweep_dir.parent), stop=bridge, callbacks=[JsonLoggerCallback(), writer, progress],
+            name=spec.name, storage_path=str(sweep_dir.parent), stop=bridge,
+            callbacks=[MachineFaults(), TrialFiles(), writer, progress],  # the files first, in the sweep folder
             failure_config=FailureConfig(max_failures=spec.failure.max_retries),
             checkpoint_config=CheckpointConfig(num_to_keep=1), verbose=0,
         ),

@@ -14,12 +14,18 @@ from sweeps.tradeoff import finished, front, is_number, non_dominated, points
 
 
 def finish_sweep(spec: SweepSpec, sweep_dir: Path, records: list[TrialRecord], tracker, parent: str | None, *,
-                 wall_s: float) -> None:
+                 wall_s: float) -> int:
+    """Classify, record, report and log the sweep; returns how many MLflow operations could still not be written."""
     from sweeps.classify import classify_all
+    from sweeps.collect import trial_results
     from sweeps.report import build_report
 
     classify_all(records, spec.thresholds())
     save_records(records, sweep_dir / "trials.json")
+    tracker.flush()  # what was queued (a parent run a new store could not take at the start) is retried first
+    parent = parent or tracker.state.get("parent")
+    parent_coming = parent or any(op["op"] == "parent" for op in tracker.pending)
+    tracker.catch_up(spec.name, records, trial_results(sweep_dir))
     on_front = pareto_ids(records, spec)
     for r in records:
         if r.outcome:
@@ -40,7 +46,7 @@ def finish_sweep(spec: SweepSpec, sweep_dir: Path, records: list[TrialRecord], t
         c = best.config
         best_words = (f"{best.trial_id} {c.get('method')} lr={c.get('learning_rate', float('nan')):.3g} "
                       f"bs={c.get('batch_size', '-')}  {spec.search.metrics[0]}={best.objective:.4f}")
-    if parent:
+    if parent_coming:
         for path in [*report.figures, report.html, sweep_dir / "trials.json"]:
             tracker.submit({"op": "artifact", "trial": None, "path": str(path), "dest": "report"})
         tracker.submit({"op": "text", "trial": None, "text": "\n".join(report.findings), "file": "report/findings.txt"})
@@ -62,13 +68,11 @@ def finish_sweep(spec: SweepSpec, sweep_dir: Path, records: list[TrialRecord], t
                   "tag pareto=true in MLflow)")
     print(f"report:     {report.html}")
     left = tracker.flush()
-    if left:
-        print(f"mlflow: {left} operation(s) could not be logged to {tracker.uri}; they are kept in "
-              f"{sweep_dir / 'mlflow_pending.jsonl'} and replayed by rerunning with --resume")
     print(f"browse:     {ui_command(tracker.uri)}")
     for name, url in links.items():
         print(f"  {LINK_WORDS[name]}:\n    {url}")
     print(f"wall time:  {wall_s:.0f} s for {len(records)} trials")
+    return left
 
 
 def summary_metrics(records: list[TrialRecord], best: TrialRecord | None, metric: str) -> dict[str, float]:

@@ -42,7 +42,8 @@ from ray.tune import Stopper
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from sweeps.records import read_stops  # its home; still importable from here
+from sweeps.faults import append_line, atomic_write
+from sweeps.records import RESTARTED, read_stops  # read_stops' home; still importable from here
 from sweeps.spec import Pruning, SweepSpec
 from sweeps.trial import objective_keys
 from trainer.curves import DivergenceRule
@@ -131,19 +132,37 @@ class PruningSearch(OptunaSearch, Stopper):
         super().restore(checkpoint_path)
         self._stopped.update(read_stops(Path(self._stops_file)))
         _LIVE[self._key] = self
-        if self._refiner is not None:
-            self._fail_orphans()
-
-    def _fail_orphans(self) -> None:
-        """A trial the study holds as running but no Ray trial will finish (asked just before a crash): failed, so
-        the refiner does not wait for it, and its LR may be proposed again."""
+        # A trial the study holds as running but Ray's saved state does not know (it started after Ray last saved,
+        # then the driver was killed): no Ray trial will finish it. It starts again, from its beginning, as the
+        # next trial Ray asks for: same Optuna trial, same values, its MLflow run reused (``restart_of``).
         mine = {t._trial_id for t in self._ot_trials.values()}
-        for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t._trial_id not in mine:
-                self._ot_study.tell(t.number, state=TrialState.FAIL)
+        self._orphans = [t._trial_id for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                         if t._trial_id not in mine]
 
     def suggest(self, trial_id: str):
         _LIVE[self._key] = self
+        if trial_id not in self._ot_trials and getattr(self, "_orphans", None):
+            return self._restart(trial_id, self._orphans.pop(0))
+        config = self._suggest(trial_id)
+        if isinstance(config, dict) and trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)  # which Ray trial holds it, for a resume
+        return config
+
+    def _restart(self, trial_id: str, storage_id: int):
+        from optuna.trial import Trial
+
+        ot_trial = Trial(self._ot_study, storage_id)
+        before = ot_trial.user_attrs.get("ray_trial_id")
+        self._ot_trials[trial_id] = ot_trial
+        ot_trial.set_user_attr("ray_trial_id", trial_id)
+        config = super().suggest(trial_id)  # the space, run on the same Optuna trial, gives back its own values
+        if before:
+            config["restart_of"] = before
+            for folder in Path(self._stops_file).parent.glob(f"run_trial_{before}_*"):
+                atomic_write(folder / RESTARTED, json.dumps({"restarted_as": trial_id}))
+        return config
+
+    def _suggest(self, trial_id: str):
         if trial_id not in self._ot_trials:
             from sweeps.refine import DONE, GRID, WAIT
 
@@ -179,6 +198,10 @@ class PruningSearch(OptunaSearch, Stopper):
         return False
 
     def _decide(self, trial_id: str, result: dict[str, Any]) -> bool:
+        if result.get("storage_problem"):
+            return False  # not a point of the curve: the trial could not store its checkpoint, the sweep stops
+        if result.get("replayed"):
+            return trial_id in self._stopped  # a trial that ended before a hard kill, said again (sweeps.resume)
         if result.get("stalled"):
             # The watchdog's last word before the trial fails: not a point of the curve, and no reason to stop it
             # here (a stopped trial is not retried); the Optuna trial keeps the reason, whatever the retry gives.
@@ -240,6 +263,9 @@ class PruningSearch(OptunaSearch, Stopper):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         ot_trial = self._ot_trials[trial_id]
+        if self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
+            self._completed_trials.add(trial_id)  # told before (a failed trial a resume ran again, or sweeps.resume)
+            return
         status = (result or {}).get("status")
         values = [(result or {}).get(k) for k in self._objective_keys]
         measured = all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
@@ -305,5 +331,4 @@ def search_finished(name: str) -> bool:
 
 
 def _append_stop(path: Path, trial_id: str, reason: str) -> None:
-    with path.open("a") as handle:
-        handle.write(json.dumps({"trial_id": trial_id, "reason": reason}) + "\n")
+    append_line(path, json.dumps({"trial_id": trial_id, "reason": reason}))

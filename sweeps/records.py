@@ -16,6 +16,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from sweeps.faults import HOST_OOM, atomic_write, is_host_oom
 from sweeps.watchdog import TrialStalled
 
 # --- metric names: the one list, and the named subsets its readers and writers use --------------------------
@@ -67,7 +68,10 @@ class Outcome(StrEnum):
 OUTCOMES = tuple(o.value for o in Outcome)
 # Keys of a trial's Ray config that are the search's bookkeeping, not trainer settings: the grid's cell
 # index, and the refinement round of a trial that sweeps.refine proposed.
-NOT_SETTINGS = ("cell", "refine")
+# ``restart_of``: the trial a resume started again under this one's id (Ray had not saved it before a hard kill).
+NOT_SETTINGS = ("cell", "refine", "restart_of")
+RESTARTED = "restarted.json"
+"""In a trial folder: the trial was started again, from its beginning, as another trial (that file names it)."""
 # How each outcome is named in the map's legend, the HTML report and the README table.
 LABELS = {
     "converged": "converged",
@@ -127,9 +131,7 @@ class TrialRecord:
 
 
 def save_records(records: list[TrialRecord], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps([r.to_json() for r in records], indent=1, allow_nan=False))
-    tmp.replace(path)
+    atomic_write(path, json.dumps([r.to_json() for r in records], indent=1, allow_nan=False))
 
 
 def load_records(path: Path) -> list[TrialRecord]:
@@ -161,9 +163,10 @@ def error_lines(path: str | Path | None) -> list[str]:
         text = Path(path).read_text() if path else ""
     except OSError:
         return []
-    blocks = re.split(r"^Failure # \d+ .*$", text, flags=re.M)
-    lines = [[ln for ln in b.splitlines() if ln.strip()] for b in blocks]
-    failures = [b[-1].strip()[:300] for b in lines if b]
+    blocks = [b for b in re.split(r"^Failure # \d+ .*$", text, flags=re.M) if b.strip()]
+    # a worker Ray's memory monitor killed: its error is a page of memory figures; the reason is that one line
+    failures = [HOST_OOM if is_host_oom(b) else [ln for ln in b.splitlines() if ln.strip()][-1].strip()[:300]
+                for b in blocks]
     return [_STALLED.sub("", line) for line in failures]
 
 

@@ -9,7 +9,9 @@
 
 Ray Tune schedules the trials, Optuna samples and prunes, MLflow records every
 loss curve; at the end each curve is classified and the instability map drawn.
-Bad input exits with code 2 and one message naming the file and key.
+Bad input exits with code 2 and one message naming the file and key; a sweep that could not finish what it
+had to write (a full disk, a store it cannot write, MLflow operations still queued) exits with code 3 and one
+line that says what, and how to continue it (--resume).
 """
 from __future__ import annotations
 
@@ -48,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sweep folder: {spec.sweep_dir()}")
         return 0
     from sweeps.driver import run_sweep
+    from sweeps.faults import stopped_cleanly
 
-    run_sweep(spec, resume=args.resume, address=args.address)
+    with stopped_cleanly(f"python sweeps/run.py {spec.source or args.spec} --resume"):
+        run_sweep(spec, resume=args.resume, address=args.address)
     return 0
 
 

@@ -2,11 +2,15 @@
 
 Trials never write to MLflow: one writer means no SQLite lock contention and no
 lost runs when a trial process dies. Every MLflow call is retried; what still
-fails (a stopped tracking server) is queued in memory and in
-``mlflow_pending.jsonl`` and replayed when the server answers again, at the
-end of the sweep, or on ``--resume``. The trial -> run map lives in
-``mlflow.json`` in the sweep folder and is checked against MLflow's own tags,
-so a resumed sweep reattaches to its runs and never duplicates them.
+fails (a stopped tracking server, a full or read-only store; the sweep's parent
+run too) is queued in memory and in ``mlflow_pending.jsonl`` and replayed when
+the server answers again, at the end of the sweep, or on ``--resume``; what is
+still queued at the end is the sweep's last line (exit code 3). The trial -> run
+map lives in ``mlflow.json`` in the sweep folder and is checked against MLflow's
+own tags, so a resumed sweep reattaches to its runs and never duplicates them.
+At the end ``Tracker.catch_up`` brings MLflow up to the sweep folder (what a
+killed driver or a full disk left unlogged). A new SQLite store is created
+under a lock (``sweeps.faults.store_lock``): two sweeps may start at once.
 """
 from __future__ import annotations
 
@@ -22,12 +26,19 @@ from typing import Any
 from ray.tune import Callback
 
 # LOGGED_METRICS, error_lines, trial_outcome live in sweeps.records and stay importable from here
+from sweeps.faults import atomic_write, problem, store_lock
 from sweeps.records import LOGGED_METRICS, NOT_SETTINGS, Status, error_lines, read_stops, trial_outcome
 
 log = logging.getLogger(__name__)
 
 _SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|CREDENTIAL|AUTH", re.I)
 _RUN_STATUS = {Status.COMPLETED: "FINISHED", Status.PRUNED: "KILLED", Status.DIVERGED: "KILLED", Status.FAILED: "FAILED"}
+
+
+def why_not(exc: BaseException) -> str:
+    """Why an MLflow operation failed, in words: a full disk or a read-only store, else a server not answering."""
+    why = problem(exc)
+    return f"could not write: {why}" if why else f"not answering ({type(exc).__name__})"
 
 
 def configure_client_timeouts() -> None:
@@ -77,6 +88,7 @@ class Tracker:
         self._state = None
         self._pending: list[dict] | None = None
         self._down_since: float | None = None
+        self.why = "not answering"  # why the last operation could not be written
 
     # --- state ---------------------------------------------------------------------
     @property
@@ -90,9 +102,7 @@ class Tracker:
         return self._state
 
     def _save_state(self) -> None:
-        tmp = self.sweep_dir / "mlflow.json.tmp"
-        tmp.write_text(json.dumps(self.state, indent=1))
-        tmp.replace(self.sweep_dir / "mlflow.json")
+        atomic_write(self.sweep_dir / "mlflow.json", json.dumps(self.state, indent=1))
 
     @property
     def pending(self) -> list[dict]:
@@ -106,8 +116,8 @@ class Tracker:
 
     def _save_pending(self) -> None:
         path = self.sweep_dir / "mlflow_pending.jsonl"
-        if self.pending:
-            path.write_text("".join(json.dumps(op) + "\n" for op in self.pending))
+        if self.pending:  # a full disk leaves the previous queue whole (and raises StorageProblem: the sweep stops)
+            atomic_write(path, "".join(json.dumps(op) + "\n" for op in self.pending))
         elif path.exists():
             path.unlink()
 
@@ -119,7 +129,10 @@ class Tracker:
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=self.uri)
+            with store_lock(self.uri):  # a new SQLite store's schema is built here, by one sweep at a time
+                client = MlflowClient(tracking_uri=self.uri)
+                client.search_experiments(max_results=1)
+            self._client = client
         return self._client
 
     # --- operations ------------------------------------------------------------------
@@ -132,20 +145,16 @@ class Tracker:
         return self.client.create_experiment(self.experiment, artifact_location=self.artifact_root,
                                              tags={"mlflow.experimentKind": "custom_model_development"})
 
-    def parent_run(self, spec_dict: dict, tags: dict[str, str]) -> str:
-        """Create the sweep's parent run, or reattach to it (FINISHED runs are reopened)."""
-        if self.state.get("parent"):
-            self.client.update_run(self.state["parent"], status="RUNNING")  # a resumed sweep is running again
+    def parent_run(self, spec_dict: dict, tags: dict[str, str]) -> str | None:
+        """Create the sweep's parent run, or reattach to it (FINISHED runs are reopened); None when MLflow cannot
+        take it now: the request is queued first, so the trials' runs follow it when it is replayed."""
+        op = {"op": "parent", "trial": None, "params": flat_params(spec_dict), "tags": scrub(tags)}
+        if not self.pending and self._try(op):
             return self.state["parent"]
-        exp = self.experiment_id()
-        run = self.client.create_run(exp, run_name=f"sweep {self.experiment}", tags=scrub(tags))
-        params = flat_params(spec_dict)
-        from mlflow.entities import Param
-
-        self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in list(params.items())[:100]])
-        self.state["parent"] = run.info.run_id
-        self._save_state()
-        return run.info.run_id
+        if not any(p["op"] == "parent" for p in self.pending):
+            self.pending.insert(0, op)
+            self._save_pending()
+        return None
 
     def submit(self, op: dict) -> bool:
         """Run one operation now (with retries), or queue it. True if it reached MLflow."""
@@ -183,9 +192,12 @@ class Tracker:
                 return True
             except Exception as exc:  # any tracking error: retry, then queue; never kill the sweep
                 last = exc
+                if problem(exc):  # a full disk or a read-only store does not heal in seconds
+                    break
                 time.sleep(0.5 * 2**attempt)
         if self._down_since is None:
-            print(f"mlflow: {self.uri} is not answering ({type(last).__name__}); queuing, the sweep goes on", flush=True)
+            self.why = why_not(last)
+            print(f"mlflow: {self.uri}: {self.why}; queuing, the sweep goes on", flush=True)
         self._down_since = time.time()
         return False
 
@@ -195,6 +207,9 @@ class Tracker:
         kind, trial = op["op"], op.get("trial")
         if kind == "create":
             self._ensure_run(trial, op)
+            return
+        if kind == "parent":
+            self._create_parent(op)
             return
         run_id = self.state["runs"].get(trial) if trial else self.state.get("parent")
         if run_id is None:
@@ -212,13 +227,41 @@ class Tracker:
             self.client.log_batch(run_id, params=[Param(k, v) for k, v in op["params"].items()])
         elif kind == "end":
             self.client.set_terminated(run_id, status=op["status"])
+            if trial:  # the run has its outcome: a resume or the end of the sweep need not end it again
+                self.state.setdefault("ended", {})[trial] = op["status"]
+                self._save_state()
         elif kind == "artifact":
             self.client.log_artifact(run_id, op["path"], op.get("dest"))
         elif kind == "text":
             self.client.log_text(run_id, op["text"], op["file"])
 
+    def _create_parent(self, op: dict) -> None:
+        if self.state.get("parent"):
+            self.client.update_run(self.state["parent"], status="RUNNING")  # a resumed sweep is running again
+            return
+        from mlflow.entities import Param
+
+        exp = self.experiment_id()
+        found = self.client.search_runs(  # created by an earlier try whose answer was lost
+            [exp], filter_string=f"tags.role = 'sweep' and tags.sweep_dir = '{op['tags'].get('sweep_dir', '')}'",
+            max_results=1)
+        run_id = found[0].info.run_id if found else self.client.create_run(
+            exp, run_name=f"sweep {self.experiment}", tags=op["tags"]).info.run_id
+        self.client.log_batch(run_id, params=[Param(k, v) for k, v in list(op["params"].items())[:100]])
+        self.state["parent"] = run_id
+        self._save_state()
+
     def _ensure_run(self, trial: str, op: dict) -> None:
         if trial in self.state["runs"]:
+            return
+        reuse = self.state["runs"].get(op.get("reuse") or "")
+        if reuse:  # the trial a resume started again under a new id (sweeps.pruning): one run, the points not twice
+            from mlflow.entities import RunTag
+
+            self.client.log_batch(reuse, tags=[RunTag("trial_id", trial), RunTag("mlflow.runName", op["name"])])
+            self.state["runs"][trial] = reuse
+            self.state["steps"][trial] = self.state["steps"].get(op["reuse"], -1)
+            self._save_state()
             return
         exp = self.experiment_id()
         found = self.client.search_runs(
@@ -239,6 +282,31 @@ class Tracker:
     def last_step(self, trial: str) -> int:
         return self.state["steps"].get(trial, -1)
 
+    def catch_up(self, sweep: str, records: list, results: dict[str, list[dict]]) -> None:
+        """Bring MLflow up to the sweep folder, the record that survives a killed driver or a full disk: every
+        trial has its run (found by its tags, never a second), every point its results hold past the last one
+        logged, and every finished trial its outcome and end. A sweep that ran whole has nothing to add here."""
+        queued = {(op["op"], op.get("trial")) for op in self.pending}  # written once MLflow answers: counted as done
+        ended = set(self.state.get("ended", {})) | {t for kind, t in queued if kind == "end"}
+        for r in records:
+            if r.trial_id not in self.state["runs"] and ("create", r.trial_id) not in queued:
+                self.submit(create_op(sweep, r.trial_id, {**r.params, **({"refine": r.refine} if r.refine else {})}))
+            last = max([self.last_step(r.trial_id)] + [op["last_step"] for op in self.pending
+                                                       if op["op"] == "metrics" and op.get("trial") == r.trial_id])
+            # past the last point logged; and the final report (its summary metrics share the last report's
+            # examples_seen) while the run has not been ended, which comes after it
+            todo = [x for x in results.get(r.trial_id, []) if "stalled" not in x and (
+                int(x.get("examples_seen", 0)) > last or (x.get("done") and r.trial_id not in ended))]
+            batch = [p for i, x in enumerate(todo) for p in points(x, first=last < 0 and i == 0)]
+            if batch:
+                self.submit({"op": "metrics", "trial": r.trial_id, "metrics": batch,
+                             "last_step": max(int(x.get("examples_seen", 0)) for x in todo)})
+            finished = r.final.get("done") or r.error or r.stopped_by
+            if finished and r.trial_id not in ended:
+                outcome, reason = trial_outcome(r.final, r.stopped_by, r.error)
+                self.submit({"op": "tags", "trial": r.trial_id, "tags": {"outcome": outcome, "reason": reason}})
+                self.submit({"op": "end", "trial": r.trial_id, "status": _RUN_STATUS[outcome]})
+
 
 class MlflowWriter(Callback):
     """Ray Tune callback (driver side) that turns trial events into MLflow operations."""
@@ -258,24 +326,19 @@ class MlflowWriter(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._create(trial)
+        if result.get("replayed"):
+            return  # a trial that had ended before a hard kill, said again on a resume (sweeps.resume): logged
         if result.get("stalled"):  # the watchdog's reason, sent just before the trial fails; kept after a retry
             self.tracker.submit({"op": "tags", "trial": trial.trial_id, "tags": {"stalled": result["stalled"]}})
             return
         step = int(result.get("examples_seen", 0))
         if step <= self.tracker.last_step(trial.trial_id) and not result.get("done"):
             return  # a resumed trial re-reporting points already logged
-        ts = int(time.time() * 1000)
         buf = self._buffers.setdefault(trial.trial_id, [])
-        if (self.tracker.last_step(trial.trial_id) < 0 and trial.trial_id not in self._l0_buffered and not buf
-                and isinstance(result.get("l0"), float)):
-            # the held-out loss before training (l0) is the eval curve's point at 0 examples; logged first, it is
-            # also the metric MLflow's compare page puts against the params by default
-            buf.append(("eval_loss", float(result["l0"]), ts, 0))
+        first = self.tracker.last_step(trial.trial_id) < 0 and trial.trial_id not in self._l0_buffered and not buf
+        buf += points(result, first=first)
+        if first:  # while MLflow is down the points are queued and last_step stays -1: l0 is buffered once
             self._l0_buffered.add(trial.trial_id)
-        for key in LOGGED_METRICS:
-            value = result.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                buf.append((key, float(value), ts, step))
         if len(buf) >= self.flush_every * 8 or result.get("done"):
             self._flush(trial.trial_id, step)
 
@@ -283,16 +346,7 @@ class MlflowWriter(Callback):
         if trial.trial_id in self.tracker.state["runs"] or getattr(trial, "_mlflow_asked", False):
             return
         trial._mlflow_asked = True
-        cfg = trial.config
-        name = f"{trial.trial_id.split('_')[-1]} {cfg.get('method', '')} lr={cfg.get('learning_rate', float('nan')):.2g}"
-        if "batch_size" in cfg:
-            name += f" bs={cfg['batch_size']}"
-        self.tracker.submit({
-            "op": "create", "trial": trial.trial_id, "sweep": self.sweep, "name": name,
-            "tags": {"sweep": self.sweep, "trial_id": trial.trial_id, "method": str(cfg.get("method", "")),
-                     **({"refine": str(cfg["refine"])} if cfg.get("refine") else {})},  # proposed by refinement round N
-            "params": flat_params({k: v for k, v in cfg.items() if k not in NOT_SETTINGS}),
-        })
+        self.tracker.submit(create_op(self.sweep, trial.trial_id, trial.config))
 
     def _flush(self, trial_id: str, step: int) -> None:
         buf = self._buffers.pop(trial_id, [])
@@ -306,18 +360,48 @@ class MlflowWriter(Callback):
         self._end(trial, error=trial_error(trial))
 
     def on_trial_recover(self, iteration, trials, trial, **info):
+        self._create(trial)  # a trial that failed before it started (its worker killed) has no run yet
         # The retry re-reports from its checkpoint: points still buffered would be logged twice.
         self._flush(trial.trial_id, int((trial.last_result or {}).get("examples_seen", 0)))
         self.tracker.submit({"op": "tags", "trial": trial.trial_id, "tags": {"retries": trial.num_failures}})
 
     def _end(self, trial, error: str | None) -> None:
         last = trial.last_result or {}
+        if last.get("replayed") and trial.trial_id in self.tracker.state.get("ended", {}):
+            return  # its run has its outcome (else sweeps.finish catches it up)
         self._create(trial)
         self._flush(trial.trial_id, int(last.get("examples_seen", 0)))
         stop = read_stops(self.tracker.sweep_dir / "stops.jsonl").get(trial.trial_id)
         outcome, reason = trial_outcome(last, stop, error)
         self.tracker.submit({"op": "tags", "trial": trial.trial_id, "tags": {"outcome": outcome, "reason": reason}})
         self.tracker.submit({"op": "end", "trial": trial.trial_id, "status": _RUN_STATUS[outcome]})
+
+
+def points(result: dict, first: bool) -> list[tuple]:
+    """One report as MLflow metric points (key, value, timestamp, step = examples seen); ``first``: the curve's
+    first report, which also gives the held-out loss before training (l0) as the eval curve's point at 0 examples,
+    logged first: it is the metric MLflow's compare page puts against the params by default."""
+    ts, step = int(time.time() * 1000), int(result.get("examples_seen", 0))
+    out = [("eval_loss", float(result["l0"]), ts, 0)] if first and isinstance(result.get("l0"), float) else []
+    for key in LOGGED_METRICS:
+        value = result.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out.append((key, float(value), ts, step))
+    return out
+
+
+def create_op(sweep: str, trial_id: str, cfg: dict) -> dict:
+    """The operation that creates a trial's run (or finds it by its tags: never two runs for one trial)."""
+    name = f"{trial_id.split('_')[-1]} {cfg.get('method', '')} lr={cfg.get('learning_rate', float('nan')):.2g}"
+    if "batch_size" in cfg:
+        name += f" bs={cfg['batch_size']}"
+    return {
+        "op": "create", "trial": trial_id, "sweep": sweep, "name": name,
+        "tags": {"sweep": sweep, "trial_id": trial_id, "method": str(cfg.get("method", "")),
+                 **({"refine": str(cfg["refine"])} if cfg.get("refine") else {})},  # proposed by refinement round N
+        "params": flat_params({k: v for k, v in cfg.items() if k not in NOT_SETTINGS}),
+        **({"reuse": cfg["restart_of"]} if cfg.get("restart_of") else {}),
+    }
 
 
 def trial_error(trial) -> str:

@@ -15,12 +15,14 @@ import math
 import os
 import tempfile
 import traceback
+import zipfile
 from contextlib import nullcontext
 from typing import Any
 
 from ray import tune
 from ray.tune import Checkpoint
 
+from sweeps.faults import as_storage_problem
 from sweeps.placement import memory_cap, trial_config
 from sweeps.watchdog import Watchdog
 from trainer.config import TrainConfig
@@ -33,12 +35,17 @@ def objective_keys(metrics: list[str]) -> list[str]:
 
 def run_trial(
     config: dict[str, Any], *, base: TrainConfig, metrics: list[str], checkpoint_every: int,
-    stall_s: float | None = None, setup_s: float = 0.0,
+    stall_s: float | None = None, setup_s: float = 0.0, ended: dict[str, dict] | None = None,
 ) -> None:
     """Ray Tune function trainable (bound with ``tune.with_parameters``); ``stall_s`` None: no watchdog.
 
     ``base`` is the spec's ``base``: validated once, with every value and range end of the space, when the spec
-    was loaded; so the sampled values are copied in, not validated again."""
+    was loaded; so the sampled values are copied in, not validated again. ``ended``: on a resume, the trials that
+    had ended (trial id -> last result, ``sweeps.resume``) though Ray's saved state still runs them."""
+    recorded = (ended or {}).get(tune.get_context().get_trial_id())
+    if recorded is not None:
+        tune.report(recorded)  # said again, not trained again: Ray and the searcher close the trial
+        return
     cfg = trial_config(base, config)
     threads = _trial_cpus()
     if cfg.threads is None and threads:
@@ -83,7 +90,9 @@ def run_trial(
     def work() -> None:
         if resume is not None:
             with resume.as_directory() as path:
-                train(cfg, report, resume_from=path)
+                # gone (a resume keeps Ray's restore going with an empty folder) or cut short by a full disk:
+                # the trial starts again from its beginning rather than failing
+                train(cfg, report, resume_from=path if usable_checkpoint(path) else None)
         else:
             train(cfg, report)
 
@@ -143,7 +152,22 @@ def _gpu_placement(cfg: TrainConfig) -> dict[str, Any]:
 
 def _send(result: dict[str, Any], watchdog: Watchdog | None, checkpoint: Checkpoint | None = None) -> None:
     with watchdog.reporting(result.get("step")) if watchdog else nullcontext():
-        tune.report(result, checkpoint=checkpoint)
+        try:
+            tune.report(result, checkpoint=checkpoint)
+        except Exception as exc:
+            full = as_storage_problem(exc) if checkpoint is not None else None
+            if full is None:
+                raise
+            # the checkpoint could not be stored (a full disk): the driver stops the sweep with that one line
+            # (sweeps.folder), so --resume continues from the last checkpoint stored whole
+            tune.report({**result, "storage_problem": {"why": full.why, "path": full.path, "what": full.what}})
+            raise
+
+
+def usable_checkpoint(path: str) -> bool:
+    """A checkpoint the trainer wrote whole: its state file is there and ends as a complete zip (torch.save's)."""
+    state = os.path.join(path, "trainer_state.pt")
+    return os.path.isfile(state) and zipfile.is_zipfile(state)
 
 
 def _trial_cpus() -> int | None:

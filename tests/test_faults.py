@@ -75,6 +75,17 @@ def _finished_trials(sweep_dir: Path) -> int:
         return 0
 
 
+def _running_with_checkpoints(sweep_dir: Path) -> bool:
+    for result in sweep_dir.glob("run_trial_*/result.json"):
+        try:
+            text = result.read_text()
+        except OSError:
+            continue
+        if '"done": true' not in text and text.count("\n") >= 3 and list(result.parent.glob("checkpoint_*")):
+            return True
+    return False
+
+
 def _sweep_with_fault(tmp_path: Path, name: str, fault: str, overrides: tuple[str, ...] = ()) -> tuple[str, dict]:
     """A 2-trial sweep, one trial healthy and one with ``fault``; the store URI and the trials by fault."""
     spec = _spec(tmp_path, name, f'  fault: [null, "{fault}"]')
@@ -174,7 +185,8 @@ def _kill_midway_then_resume(tmp_path: Path, sig: int, name: str):
     proc = _popen(["sweeps/run.py", str(spec)], {"MLFLOW_TRACKING_URI": uri})
     try:
         _wait_for(lambda: _finished_trials(sweep_dir) >= 2, 300, "two finished trials")
-        if sig == signal.SIGKILL:
+        if sig == signal.SIGKILL:  # once the next one has stored checkpoints, which Ray's saved state names
+            _wait_for(lambda: _running_with_checkpoints(sweep_dir), 300, "a running trial with checkpoints")
             os.killpg(proc.pid, signal.SIGKILL)
         else:
             os.kill(proc.pid, sig)
@@ -184,10 +196,20 @@ def _kill_midway_then_resume(tmp_path: Path, sig: int, name: str):
             os.killpg(proc.pid, signal.SIGKILL)
     done_before = _finished_trials(sweep_dir)
     assert done_before < 5, "the sweep must have been interrupted midway"
+    gone = []
+    if sig == signal.SIGKILL:  # and the checkpoints of the trial still running are gone (Ray keeps one at a time)
+        for trial_dir in sweep_dir.glob("run_trial_*"):
+            result = trial_dir / "result.json"
+            if not (result.is_file() and '"done": true' in result.read_text()) and list(trial_dir.glob("checkpoint_*")):
+                gone.append(trial_dir.name.split("_")[2])
+                for checkpoint in trial_dir.glob("checkpoint_*"):
+                    subprocess.run(["rm", "-rf", str(checkpoint)], check=True)
     again = run_cli(["sweeps/run.py", str(spec), "--resume"], timeout=600, env={"MLFLOW_TRACKING_URI": uri})
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     trials = _trials(tmp_path, name)
     assert len(trials) == 5 and all(t["final"].get("done") for t in trials)
+    if sig == signal.SIGKILL:  # the trial whose checkpoints were deleted started again from step 0, in its own run
+        assert [t["final"]["resumed_from_step"] for t in trials if t["trial_id"] in gone] == [0] * len(gone) != []
     client, children = _children(uri, name)
     assert len(children) == 5, "one MLflow run per trial: none lost, none duplicated"
     assert len({c.data.tags["trial_id"] for c in children}) == 5
@@ -195,6 +217,7 @@ def _kill_midway_then_resume(tmp_path: Path, sig: int, name: str):
 
 
 def test_driver_killed_with_sigkill_then_resume_finishes_without_duplicates(tmp_path, tiny_model_dir):
+    """... and the checkpoints of the trial that was running are deleted: it starts again from step 0."""
     _kill_midway_then_resume(tmp_path, signal.SIGKILL, "killdriver")
 
 
@@ -246,8 +269,9 @@ def test_mlflow_server_stopped_mid_sweep_the_sweep_completes_and_logs_once_back(
         for p in (proc, server):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
-    assert proc.returncode == 0, out[-3000:]
-    assert "could not be logged" in out and "mlflow_pending.jsonl" in out
+    assert proc.returncode == 3, out[-3000:]  # the sweep ran, MLflow does not have all of it yet
+    last = out.strip().splitlines()[-1]
+    assert "could not be written" in last and "mlflow_pending.jsonl" in last and "--resume" in last, last
     assert (sweep_dir / "mlflow_pending.jsonl").is_file()
     server = _mlflow_server(store, port)
     try:
@@ -269,3 +293,211 @@ def test_mlflow_server_stopped_mid_sweep_the_sweep_completes_and_logs_once_back(
             assert train == reports[trial] and len(train) == 8, trial  # 2 epochs x 16 facts / batch 4, a report a step
     finally:
         os.killpg(server.pid, signal.SIGKILL)
+
+
+# --- faults of the machine: a new store shared, a full disk, a hard-killed driver, the host out of memory -------
+
+def _no_tracking_env() -> dict:
+    """The environment of a sweep whose store is the default one, ``<output_dir>/mlflow.db``."""
+    return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+
+
+def _run_clean(args: list[str], env: dict) -> subprocess.Popen:
+    full = {**env, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)}
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=full, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _store_race_worker(uri: str, name: str, folder: str, barrier, out) -> None:
+    from sweeps.tracking import Tracker
+
+    tracker = Tracker(uri, name, Path(folder))
+    barrier.wait()
+    out.put((name, tracker.parent_run({"name": name}, {"sweep": name, "sweep_dir": folder})))
+
+
+def test_a_new_sqlite_store_is_created_by_one_process_at_a_time(tmp_path):
+    """Three processes open one new SQLite store at the same instant: each gets its parent run (MLflow builds the
+    schema once, under sweeps.faults.store_lock), none queues it."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    barrier, out = ctx.Barrier(3), ctx.Queue()
+    procs = []
+    for i in range(3):
+        folder = tmp_path / f"s{i}"
+        folder.mkdir()
+        procs.append(ctx.Process(target=_store_race_worker, args=(uri, f"s{i}", str(folder), barrier, out)))
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    runs = dict(out.get(timeout=5) for _ in procs)
+    assert all(runs.values()), runs
+    client = MlflowClient(tracking_uri=uri)
+    assert all(client.get_experiment_by_name(name) for name in runs)
+    assert not any((tmp_path / f"s{i}" / "mlflow_pending.jsonl").exists() for i in range(3))
+
+
+def test_two_sweeps_started_at_once_on_a_new_store_both_have_all_their_runs(tmp_path, tiny_model_dir):
+    specs = [_spec(tmp_path, name, "  learning_rate: [0.001]") for name in ("twin_a", "twin_b")]
+    env = _no_tracking_env()
+    procs = [_run_clean(["sweeps/run.py", str(spec)], env) for spec in specs]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:] + err[-3000:]
+        assert "could not be written" not in out + err
+    uri = f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
+    for name in ("twin_a", "twin_b"):
+        client, children = _children(uri, name)
+        parents = [r for r in client.search_runs([client.get_experiment_by_name(name).experiment_id])
+                   if r.data.tags.get("role") == "sweep"]
+        assert len(parents) == 1 and len(children) == 1, name
+        assert children[0].info.status == "FINISHED" and children[0].data.tags["outcome"] == "completed"
+        assert not (tmp_path / "out" / name / "mlflow_pending.jsonl").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 MiB tmpfs (root only), unmounted afterwards."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _fill(disk: Path) -> Path:
+    """Write one file until the file system is full; returns it."""
+    filler = disk / "filler"
+    with open(filler, "wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * (1 << 20))
+                handle.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_disk_stops_the_sweep_with_one_line_and_resume_completes_it(tmp_path, small_disk, tiny_model_dir):
+    """Output and the SQLite store on a small file system that fills up mid-sweep: one line naming the file it could
+    not write, exit code 3, no traceback; once space is freed, --resume ends with every trial once in trials.json
+    and in MLflow."""
+    spec = _spec(tmp_path, "fulldisk", "  learning_rate: [0.001, 0.002, 0.003]", extra="")
+    spec.write_text(spec.read_text().replace(f"output_dir: {tmp_path / 'out'}", f"output_dir: {small_disk}"))
+    env = _no_tracking_env()
+    sweep_dir = small_disk / "fulldisk"
+    proc = _run_clean(["sweeps/run.py", str(spec)], env)
+    try:
+        _wait_for(lambda: any('"examples_seen": 8' in p.read_text() for p in sweep_dir.glob("run_trial_*/result.json")),
+                  300, "a trial's first reports")
+        filler = _fill(small_disk)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 3, out[-3000:] + err[-3000:]
+    assert "Traceback" not in out + err, out[-3000:] + err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: no space left on device") and str(small_disk) in last and "--resume" in last, last
+    filler.unlink()
+    again = _run_clean(["sweeps/run.py", str(spec), "--resume"], env)
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, out[-3000:] + err[-3000:]
+    trials = json.loads((sweep_dir / "trials.json").read_text())
+    assert len(trials) == 3 and len({t["trial_id"] for t in trials}) == 3
+    assert all(t["final"].get("done") and t["outcome"] != "failed" for t in trials), [t["outcome"] for t in trials]
+    _, children = _children(f"sqlite:///{small_disk / 'mlflow.db'}", "fulldisk")
+    assert sorted(c.data.tags["trial_id"] for c in children) == sorted(t["trial_id"] for t in trials)
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert not (sweep_dir / "mlflow_pending.jsonl").exists()
+
+
+def test_driver_sigkilled_a_second_after_a_trial_completes_loses_nothing(tmp_path, tiny_model_dir):
+    """The driver's process group is SIGKILLed one second after a trial completes. Ray saves its state every 10 s
+    or more; here only when the sweep starts (TUNE_GLOBAL_CHECKPOINT_S, and no checkpoints to force a save), so its
+    saved state knows neither that the first trial completed nor the second one, which had started. After
+    --resume: the completed trial is finished in trials.json with one MLflow run, the second started again from
+    its beginning in its own run, and no Optuna trial is left RUNNING."""
+    import optuna
+
+    spec = _spec(tmp_path, "hardkill", "  learning_rate: [0.001, 0.002]")
+    spec.write_text(spec.read_text().replace("search: {algorithm: grid}", "search: {algorithm: grid, max_concurrent: 1}"))
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "TUNE_GLOBAL_CHECKPOINT_S": "1000"}
+    sweep_dir = tmp_path / "out" / "hardkill"
+    proc = _popen(["sweeps/run.py", str(spec), "failure.checkpoint_every=0"], env)
+    completed = None
+    try:
+        for line in proc.stdout:
+            match = re.search(r"\] completed +(\w+) ", line)
+            if match:
+                completed = match.group(1)
+                break
+        time.sleep(1)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert completed, "a trial completed before the kill"
+    again = run_cli(["sweeps/run.py", str(spec), "--resume", "failure.checkpoint_every=0"], timeout=600, env=env)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    trials = {t["trial_id"]: t for t in _trials(tmp_path, "hardkill")}
+    assert len(trials) == 2 and all(t["final"].get("done") for t in trials.values()), trials.keys()
+    assert completed in trials and trials[completed]["outcome"] != "failed"
+    assert sorted(t["config"]["learning_rate"] for t in trials.values()) == [0.001, 0.002], "each grid cell once"
+    client, children = _children(env["MLFLOW_TRACKING_URI"], "hardkill")
+    assert sorted(c.data.tags["trial_id"] for c in children) == sorted(trials), "one MLflow run per trial"
+    assert all(c.info.status == "FINISHED" for c in children)
+    for run in children:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+        assert len(steps) == len(set(steps)), "no metric point is logged twice"
+    study = optuna.load_study(study_name="hardkill", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+
+
+def _used_memory() -> int:
+    """Host memory in use as Ray's memory monitor counts it: the cgroup's usage less its inactive page cache."""
+    for usage, stat, inactive in (("/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat", "inactive_file"),
+                                  ("/sys/fs/cgroup/memory/memory.usage_in_bytes", "/sys/fs/cgroup/memory/memory.stat",
+                                   "total_inactive_file")):
+        if Path(usage).is_file() and Path(stat).is_file():
+            stats = dict(line.split() for line in Path(stat).read_text().splitlines() if len(line.split()) == 2)
+            return int(Path(usage).read_text()) - int(stats.get(inactive, 0))
+    meminfo = dict(ln.split(":", 1) for ln in Path("/proc/meminfo").read_text().splitlines())
+    return (int(meminfo["MemTotal"].split()[0]) - int(meminfo["MemAvailable"].split()[0])) * 1024
+
+
+def _total_memory() -> int:
+    return int(Path("/proc/meminfo").read_text().split()[1]) * 1024  # MemTotal, the monitor's limit without a cgroup one
+
+
+def test_a_worker_killed_by_rays_memory_monitor_fails_its_trial_and_the_sweep_goes_on(tmp_path, tiny_model_dir):
+    """One trial takes host memory (hog@2) until Ray's memory monitor, set just above what the host uses now, kills
+    its worker: that trial is failed as "host out of memory (Ray's memory monitor)", the other finishes, the
+    findings count the failure and the sweep exits 0."""
+    threshold = min(0.9, (_used_memory() + (5 << 30)) / _total_memory())  # 5 GiB above what the host uses now
+    spec = _spec(tmp_path, "hostoom", '  fault: [null, "hog@2"]')
+    spec.write_text(spec.read_text().replace("search: {algorithm: grid}", "search: {algorithm: grid, max_concurrent: 1}"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = run_cli(["sweeps/run.py", str(spec), "failure.max_retries=0"], timeout=600,
+                   env={"MLFLOW_TRACKING_URI": uri, "RAY_memory_usage_threshold": f"{threshold:.3f}",
+                        "RAY_memory_monitor_refresh_ms": "100"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    trials = {t["config"]["fault"]: t for t in _trials(tmp_path, "hostoom")}
+    assert trials["hog@2"]["outcome"] == "failed" and trials["hog@2"]["error"] == "host out of memory (Ray's memory monitor)"
+    assert trials[None]["final"].get("done") and trials[None]["outcome"] != "failed"
+    findings = proc.stdout.split("findings:")[1]
+    assert "1 failed" in findings, findings
+    _, children = _children(uri, "hostoom")
+    run = next(c for c in children if c.data.params["fault"] == "hog@2")
+    assert run.info.status == "FAILED" and run.data.tags["reason"] == "host out of memory (Ray's memory monitor)"

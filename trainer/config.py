@@ -84,8 +84,9 @@ class TrainConfig(BaseModel):
     save_model: bool = True
 
     # --- testing hooks (not for normal use) --------------------------------
-    # e.g. "nan@3", "explode@3", "oom@2", "crash@5", "hang@3": inject a fault at that optimizer step; crash and hang
-    # happen on the first attempt only, so that a retry resumed from a checkpoint can show it recovers
+    # e.g. "nan@3", "explode@3", "oom@2", "crash@5", "hang@3", "hog@2": inject a fault at that optimizer step; crash
+    # and hang happen on the first attempt only, so that a retry resumed from a checkpoint can show it recovers; hog
+    # takes host memory until something kills the process (Ray's memory monitor)
     fault: str | None = None
 
     @field_validator("method")
@@ -108,8 +109,8 @@ class TrainConfig(BaseModel):
         if value is None:
             return value
         kind, _, step = value.partition("@")
-        if kind not in ("nan", "explode", "oom", "crash", "hang") or not step.isdigit():
-            raise ValueError("fault must look like nan@K, explode@K, oom@K, crash@K or hang@K")
+        if kind not in ("nan", "explode", "oom", "crash", "hang", "hog") or not step.isdigit():
+            raise ValueError("fault must look like nan@K, explode@K, oom@K, crash@K, hang@K or hog@K")
         return value
 
     @model_validator(mode="before")

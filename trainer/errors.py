@@ -26,7 +26,7 @@ def cli_errors(main: Callable[..., int | None]) -> Callable[..., int]:
             return main(*args, **kwargs) or 0
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return UserError.exit_code
+            return exc.exit_code
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130

@@ -351,6 +351,19 @@ def _inject_fault(cfg: TrainConfig, step: int, optimizer, resumed: bool) -> None
     elif kind == "hang" and step == int(at) and not resumed:
         while True:  # a dead data loader or a deadlocked collective: alive, silent, never done
             time.sleep(60)
+    elif kind == "hog" and step == int(at):
+        _hog_memory()
+
+
+def _hog_memory(chunk: int = 64 << 20, limit: int = 12 << 30) -> None:
+    """Take host memory, page by page (touched, so it counts), until the process is killed; 12 GiB at most."""
+    hoard = []
+    while len(hoard) * chunk < limit:
+        block = bytearray(chunk)
+        block[::4096] = b"\1" * len(range(0, chunk, 4096))
+        hoard.append(block)
+        time.sleep(0.05)
+    raise RuntimeError(f"hog: took {limit >> 30} GiB and nothing killed this process")
 
 
 def _progress(enabled: bool, total: int, initial: int):
