@@ -74,6 +74,10 @@ class TrainConfig(BaseModel):
     # --- reporting -------------------------------------------------------
     report_every: int = Field(8, ge=1)  # examples between reports; the same for every trial of a sweep
     eval_every: int | None = Field(32, ge=1)  # examples between eval-loss points (rounded to reports); None = only at the end
+    exact_match_every: int | None = Field(None, ge=1)
+    """Examples between points of the memorization curve (a multiple of report_every): greedy exact match of the
+    training completions (``train_exact_match``) and, with ``forgetting``, the reference-text NLL change, logged like
+    the losses; None: both at the end only. How many epochs a completion needs before it comes back exactly."""
     ema_beta: float = Field(0.98, gt=0, lt=1)  # smoothing of the train loss (fastai, Lightning)
     memorization: bool = True  # exact match / token accuracy on train and eval completions
     forgetting: bool = True  # NLL change on a fixed reference text set that is not training data
@@ -122,8 +126,11 @@ class TrainConfig(BaseModel):
         if ev is not None and frac:
             raise ValueError("give eval_data or eval_fraction, not both")
         if ev is None and frac is None:
-            if isinstance(train, str) and train.startswith("builtin:facts") and not train.startswith("builtin:facts-heldout"):
-                data = {**data, "eval_data": "builtin:facts-heldout"}
+            from trainer.facts import heldout_of
+
+            heldout = heldout_of(train) if isinstance(train, str) else None
+            if heldout:  # a built-in training set: its paraphrases
+                data = {**data, "eval_data": heldout}
             else:
                 data = {**data, "eval_fraction": DEFAULT_HOLDOUT}
         return data
@@ -133,6 +140,10 @@ class TrainConfig(BaseModel):
         if self.eval_every is not None and self.eval_every % self.report_every:
             raise ValueError(
                 f"eval_every ({self.eval_every}) must be a multiple of report_every ({self.report_every})"
+            )
+        if self.exact_match_every is not None and self.exact_match_every % self.report_every:
+            raise ValueError(
+                f"exact_match_every ({self.exact_match_every}) must be a multiple of report_every ({self.report_every})"
             )
         return self
 
