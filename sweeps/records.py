@@ -32,7 +32,8 @@ its share of the GPU and the CUDA memory cap that share set (``sweeps.placement`
 SUMMARY = (
     "l0", "eval_exact_match", "train_token_accuracy", "eval_token_accuracy", "base_train_exact_match",
     "train_completion_loss", "train_prompt_loss", "eval_prompt_loss", "reference_nll", "weight_change_mean",
-    "weights_changed_fraction", "trainable_fraction", "train_records", "eval_records",
+    "weights_changed_fraction", "trainable_fraction", "train_records", "eval_records", "prompt_tokens",
+    "completion_tokens",
 )
 """Measured once, at the start (``l0``) or the end of a run."""
 METRICS = (*PROGRESS, *CURVES, *TIMINGS, *MEMORY, *SUMMARY)

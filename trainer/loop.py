@@ -109,7 +109,8 @@ def train(
         next(stream)
     static = {"l0": base["eval"]["loss"], **trainable_summary(model), "total_steps": total_steps,
               "resumed_from_step": state.step, "start_unix": start_unix,
-              "train_records": len(train_ex), "eval_records": len(eval_ex)}  # what every held-out verdict rests on
+              "train_records": len(train_ex), "eval_records": len(eval_ex),  # what every held-out verdict rests on
+              **_token_shares(train_ex)}
     reference = base.pop("reference_examples", None)
     static["setup_time_s"] = time.perf_counter() - t_setup  # in every report: a pruned trial never sends the final one
     ctx = _Ctx(cfg, model, tokenizer, optimizer, scheduler, state, train_ex, eval_ex, reference, device, static, report,
@@ -227,6 +228,15 @@ def _report(ctx: _Ctx, extra: dict | None = None) -> dict:
     if ctx.report is not None:
         ctx.report(metrics, checkpoint=lambda path: _save_checkpoint(Path(path), ctx))
     return metrics
+
+
+def _token_shares(examples) -> dict[str, float]:
+    """Mean tokens per training example that the loss predicts: completion (weight 1) and the rest (weight
+    ``prompt_loss_weight``; the first token is never predicted)."""
+    completion = sum(sum(e.target) for e in examples)
+    prompt = sum(len(e.input_ids) - 1 - sum(e.target) for e in examples)
+    n = max(len(examples), 1)
+    return {"prompt_tokens": prompt / n, "completion_tokens": completion / n}
 
 
 def _memorization_point(ctx: _Ctx) -> dict[str, float]:
