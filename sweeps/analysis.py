@@ -21,12 +21,13 @@ from sweeps import edges
 from sweeps.records import OUTCOMES as OUTCOME_ORDER
 from sweeps.records import TrialRecord
 from trainer import curves
+from trainer.config import MIN_EVAL_RECORDS
 from trainer.methods import METHODS
 
 METHOD_ORDER = tuple(METHODS)  # the registry's order
 MARGIN = 0.05  # "learns well": a converged trial within 5% of its group's best held-out loss
 MIN_LRS = 3  # an edge, a window or a ratio rests on at least this many learning rates of a group
-MIN_EVAL = 8  # fewer held-out records than this and every held-out verdict rests on a handful: said so
+MIN_EVAL = MIN_EVAL_RECORDS  # fewer held-out records than this and every held-out verdict rests on a handful: said so
 UNSTABLE = ("oscillating", "diverged")
 
 

@@ -14,6 +14,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from trainer.yamlio import apply_overrides, read_yaml, validate
 
 DEFAULT_HOLDOUT = 0.1  # share of a user's training file held out for the held-out loss when no eval data is given
+MIN_EVAL_RECORDS = 8  # fewer held-out records than this, and every held-out verdict rests on a handful
+
+
+def eval_size_warning(n_eval: int) -> str | None:
+    """What a run or sweep says at start when its held-out set is small; None when it is not."""
+    if n_eval >= MIN_EVAL_RECORDS:
+        return None
+    return (f"warning: only {n_eval} held-out record(s) (fewer than {MIN_EVAL_RECORDS}): every held-out loss, overfit "
+            "verdict and best trial will rest on them; give eval data of your own or a larger eval fraction")
 
 
 class TrainConfig(BaseModel):
