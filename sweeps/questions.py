@@ -112,10 +112,15 @@ def prompt_weight(records: list[TrialRecord]) -> list[str]:
         out.append(f"{name}: " + "; ".join(f"weight {w:g}: {_measures(by_w[w])}" for w in sorted(by_w)))
         lo, hi = min(by_w), max(by_w)
         a, b = by_w[lo], by_w[hi]
-        if lo != hi and a.outcome in FINISHED and b.outcome in FINISHED:
+        if lo == hi:
+            continue
+        if a.outcome == b.outcome == "converged":  # a change is stated between trials that learned, as for methods
             deltas[method].append(f"lr {lr_text(lr)}: held-out loss {final_loss(b) - final_loss(a):+.2f}"
                                   + _delta(a, b, "train_exact_match", "exact match {:+.0f} points", 100)
                                   + _delta(a, b, "forgetting", "forgetting {:+.2f} nats"))
+        else:
+            deltas[method].append(f"lr {lr_text(lr)}: not stated (weight {lo:g} {a.outcome}, weight {hi:g} {b.outcome}: "
+                                  "a change is stated only between trials that both converged)")
     for method, parts in deltas.items():
         out.append(f"{method}: from prompt_loss_weight {min(varied):g} to {max(varied):g}: " + "; ".join(parts))
     return out
