@@ -178,9 +178,9 @@ def method_panel_figure(records, out: Path) -> Path:
             loss_at = dict(pts)
             if w.unstable is not None and w.unstable in loss_at:
                 ax.plot([w.unstable], [loss_at[w.unstable]], "x", ms=11, mew=2.5, color=_UNSTABLE,
-                        label=f"instability starts, bs {bs}")
+                        label=_once(ax, "instability starts"))
             if w.edge and w.edge.above and w.edge.above in loss_at:
-                ax.plot([w.edge.above], [loss_at[w.edge.above]], "v", ms=9, color=_EDGE, label=f"diverges, bs {bs}")
+                ax.plot([w.edge.above], [loss_at[w.edge.above]], "v", ms=9, color=_EDGE, label=_once(ax, "diverges"))
         l0 = mine[0].final.get("l0")
         if l0:
             ax.axhline(l0, color="#777", ls=":", label="l0 (base)")
@@ -195,6 +195,11 @@ def method_panel_figure(records, out: Path) -> Path:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.25)
     return _save(fig, out)
+
+
+def _once(ax, label: str) -> str | None:
+    """A legend label the first time a panel draws it (one entry for every batch size's marker)."""
+    return None if label in [h.get_label() for h in ax.get_lines()] else label
 
 
 def _mean_by_lr(records, key: str) -> tuple[list[float], list[float]]:
