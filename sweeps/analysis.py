@@ -307,9 +307,9 @@ def _method_findings(records, method) -> list[str]:
     counts: dict[str, list[float]] = defaultdict(list)
     for r in alive:
         counts[r.outcome or "unclassified"].append(r.learning_rate)
-    if best or sens is not None:  # what each trial was; the LRs where it was unstable (per group: the lines below)
+    if best or sens is not None:  # how many ended how; where, per batch size (a group): the lines below, never pooled
         parts.append(f"{len(alive)} trial(s): " + ", ".join(
-            f"{len(lrs)} {o}" + (f" (lr {', '.join(_fmt(x) for x in sorted(set(lrs)))})" if o in UNSTABLE else "")
+            f"{len(lrs)} {o}"
             for o, lrs in sorted(counts.items(), key=lambda kv: OUTCOME_ORDER.index(kv[0]) if kv[0] in OUTCOME_ORDER else 99)))
     if not parts:  # e.g. every trial pruned before its first eval: say so rather than print an empty finding
         parts.append("no trial reached an eval loss (" + ", ".join(f"{len(v)} {o}" for o, v in sorted(counts.items())) + ")")

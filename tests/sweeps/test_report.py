@@ -152,7 +152,7 @@ def test_findings_say_each_batch_sizes_window_and_pool_no_edge_across_batch_size
     findings = diagnose(records)
     method = _finding(records, "full")
     assert "diverged at lr >=" not in method and "stable" not in " ".join(findings)
-    assert method.endswith("6 trial(s): 3 converged, 3 diverged (lr 1e-3, 1e-2)")
+    assert method.endswith("6 trial(s): 3 converged, 3 diverged"), "where, per batch size: the lines below"
     assert ("full, batch 8: learns well at 1e-4 (converged within 5% of its best held-out loss, 1.000); instability "
             "starts at 1e-3 (diverged); diverges between 1e-4 and 1e-3 (10x)") in " ".join(findings)
     assert ("full, batch 16: learns well at 1e-4 to 1e-3 (converged within 5% of its best held-out loss, 1.050); "
@@ -164,7 +164,7 @@ def test_finding_gives_best_lr_and_sensitivity_and_the_groups_window():
     text = _finding(_window_trials(), "full")
     assert "best lr 1e-4 (eval loss 1.000, l0 3.000, converged)" in text
     assert f"LR sensitivity {lr_sensitivity(_window_trials(), 'full'):.2f}" in text
-    assert "7 trial(s): 3 converged, 1 slow, 1 oscillating (lr 1e-3), 2 diverged (lr 3e-3, 1e-2)" in text
+    assert "7 trial(s): 3 converged, 1 slow, 1 oscillating, 2 diverged" in text
     assert any(f.startswith("full, batch 8: learns well at 3e-5 to 1e-4 (converged within 5% of its best held-out loss, "
                             "1.000); instability starts at 1e-3 (oscillating); diverges between 1e-3 and 3e-3 (3x); "
                             "best lr 1e-4 (optimum in 5.5e-5 .. 1.7e-4, within 1.8x) [7 LRs]") for f in findings), findings
