@@ -126,11 +126,6 @@ def window(trials: list[TrialRecord], margin: float = MARGIN) -> Window:
     return Window(best, well, unstable, how, max(above) if above else None, edges.edge(points(trials)), len(lrs))
 
 
-def windows(records: list[TrialRecord]) -> dict[tuple, Window]:
-    """Each group's window (groups with fewer than ``MIN_LRS`` learning rates included: callers say what they rest on)."""
-    return {key: window(trials) for key, trials in groups(records).items()}
-
-
 def lr_sensitivity(records: list[TrialRecord], method: str) -> float | None:
     trials = [r for r in _of(records, method) if final_loss(r) is not None]
     if not trials:
