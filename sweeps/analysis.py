@@ -1,7 +1,11 @@
 """Per-method measures over a classified sweep, and the diagnosis in plain words.
 
-- Stable LR window: from the lowest LR whose final eval loss is within ``margin`` (relative) of
-  the method's best, up to the highest LR that did not diverge.
+- Window, per group (a method at one batch size, or whatever else was searched): where it learns well (the LRs
+  whose trials converged within ``MARGIN`` of the group's best held-out loss, in unbroken runs of tried LRs), where
+  instability starts (the lowest LR that oscillated or diverged) and where it diverges (``sweeps.edges``). No range
+  called good holds an oscillating or diverged trial. Stated only for groups with ``MIN_LRS`` LRs or more.
+- Comparisons (LoRA's best LR against full fine-tuning's, how the edge moves with batch size) only between groups
+  whose best trial converged, with ``MIN_LRS`` LRs each; otherwise the finding says why it is not stated.
 - LR sensitivity (Wortsman et al. 2023): the mean over the method's LRs of
   min(final loss, l0) - best final loss. Trials at one LR (several batch sizes) are averaged
   first. Lower = more forgiving.
@@ -10,14 +14,21 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from statistics import mean
 
 from sweeps import edges
+from sweeps.records import OUTCOMES as OUTCOME_ORDER
 from sweeps.records import TrialRecord
 from trainer import curves
+from trainer.config import MIN_EVAL_RECORDS
 from trainer.methods import METHODS
 
 METHOD_ORDER = tuple(METHODS)  # the registry's order
+MARGIN = 0.05  # "learns well": a converged trial within 5% of its group's best held-out loss
+MIN_LRS = 3  # an edge, a window or a ratio rests on at least this many learning rates of a group
+MIN_EVAL = MIN_EVAL_RECORDS  # fewer held-out records than this and every held-out verdict rests on a handful: said so
+UNSTABLE = ("oscillating", "diverged")
 
 
 def methods(records: list[TrialRecord]) -> list[str]:
@@ -53,17 +64,66 @@ def best_lr(records: list[TrialRecord], method: str) -> float | None:
     return best.learning_rate if best else None
 
 
-def stable_window(records: list[TrialRecord], method: str, margin: float = 0.05) -> tuple[float, float] | None:
-    best = best_trial(records, method)
-    if best is None:
-        return None
-    target = final_loss(best) * (1 + margin)
-    good = [r.learning_rate for r in _of(records, method)
-            if r.outcome not in ("diverged", "pruned", "unfinished") and final_loss(r) is not None and final_loss(r) <= target]
-    not_diverged = [r.learning_rate for r in _of(records, method) if r.outcome != "diverged"]
-    low = min(good)
-    high = max([lr for lr in not_diverged if lr >= low], default=low)
-    return low, high
+@dataclass(frozen=True)
+class Window:
+    """What one group's trials show along the learning rate (see the module docstring)."""
+
+    best: TrialRecord | None  # the lowest final held-out loss among trials that ran to the end
+    well: list[tuple[float, float]]  # unbroken runs of tried LRs whose trials all converged within the margin
+    unstable: float | None  # the lowest LR with a trial that oscillated or diverged
+    unstable_how: str | None  # how it was unstable there: oscillating or diverged
+    converged_above: float | None  # a converged LR above ``unstable``: the instability is not monotonic in LR
+    edge: edges.Edge | None
+    n_lrs: int
+
+    def text(self, margin: float = MARGIN) -> str:
+        parts = []
+        if self.best is None:
+            parts.append("no trial ran to its end")
+        elif self.well:
+            runs = ", ".join(_fmt(lo) if lo == hi else f"{_fmt(lo)} to {_fmt(hi)}" for lo, hi in self.well)
+            parts.append(f"learns well at {runs} (converged within {margin:.0%} of its best held-out loss, "
+                         f"{final_loss(self.best):.3f})")
+        else:
+            parts.append(f"learns well nowhere: no trial converged within {margin:.0%} of its best held-out loss "
+                         f"({final_loss(self.best):.3f} at {_fmt(self.best.learning_rate)}, {self.best.outcome})")
+        if self.unstable is not None:
+            above = (f", though {_fmt(self.converged_above)} above it converged" if self.converged_above else "")
+            parts.append(f"instability starts at {_fmt(self.unstable)} ({self.unstable_how}{above})")
+        elif self.edge and self.edge.below:
+            parts.append(f"no instability up to {_fmt(self.edge.below)}")
+        if self.edge and self.edge.above:
+            parts.append(self.edge.text())
+        return "; ".join(parts)
+
+
+def window(trials: list[TrialRecord], margin: float = MARGIN) -> Window:
+    """The window of one group's trials (several trials at one LR: all must have converged for it to count as good)."""
+    ran = [r for r in trials if r.outcome not in ("diverged", "pruned", "unfinished", "failed") and final_loss(r) is not None]
+    best = min(ran, key=lambda r: (final_loss(r), r.learning_rate)) if ran else None
+    by_lr: dict[float, list[TrialRecord]] = defaultdict(list)
+    for r in trials:
+        if r.outcome not in ("failed", "unfinished"):
+            by_lr[r.learning_rate].append(r)
+    lrs = sorted(by_lr)
+    target = final_loss(best) * (1 + margin) if best else -math.inf
+
+    def good(lr: float) -> bool:
+        return all(r.outcome == "converged" and final_loss(r) <= target for r in by_lr[lr])
+
+    well: list[tuple[float, float]] = []
+    for i, lr in enumerate(lrs):
+        if good(lr):
+            if well and i and good(lrs[i - 1]):
+                well[-1] = (well[-1][0], lr)
+            else:
+                well.append((lr, lr))
+    unstable = next((lr for lr in lrs if any(r.outcome in UNSTABLE for r in by_lr[lr])), None)
+    how = None
+    if unstable is not None:
+        how = "diverged" if any(r.outcome == "diverged" for r in by_lr[unstable]) else "oscillating"
+    above = [lr for lr in lrs if unstable is not None and lr > unstable and all(r.outcome == "converged" for r in by_lr[lr])]
+    return Window(best, well, unstable, how, max(above) if above else None, edges.edge(points(trials)), len(lrs))
 
 
 def lr_sensitivity(records: list[TrialRecord], method: str) -> float | None:
@@ -82,6 +142,7 @@ def diagnose(records: list[TrialRecord]) -> list[str]:
     findings: list[str] = []
     if not records:
         return ["no trials in this sweep"]
+    findings.extend(small_heldout(records))
     for method in methods(records):
         findings.extend(_method_findings(records, method))
     findings.extend(_too_low(records))
@@ -120,18 +181,36 @@ def _group_name(key: tuple) -> str:
     return ", ".join([method, *(f"{k.replace('_size', '')} {v}" for k, v in others)])
 
 
+def small_heldout(records: list[TrialRecord]) -> list[str]:
+    """A warning when the held-out set has fewer than ``MIN_EVAL`` records: every held-out verdict rests on them."""
+    sizes = {int(r.final["eval_records"]) for r in records if isinstance(r.final.get("eval_records"), (int, float))}
+    if not sizes or min(sizes) >= MIN_EVAL:
+        return []
+    n = min(sizes)
+    return [f"warning: the held-out set has {n} record(s), fewer than {MIN_EVAL}: every held-out loss, overfit verdict "
+            "and best trial below rests on them; give more held-out records (data.eval, or a larger data.eval_fraction)"]
+
+
 def edge_findings(records: list[TrialRecord]) -> list[str]:
-    """Each group's divergence edge and optimum with their intervals; LoRA's best LR against full's; how the edge
-    moved with batch size against the linear and square-root rules."""
-    out, located = [], {}
+    """Per group with ``MIN_LRS`` LRs or more: where it learns well, where instability starts, where it diverges, and its
+    best LR with the bracket its optimum lies in; the groups with fewer in one line. Then LoRA's best LR against full's
+    and how the edge moved with batch size, each only where the trials can carry it."""
+    out, located, few = [], {}, []
     for key, trials in groups(records).items():
+        w = window(trials)
         pts = points(trials)
-        e, o = edges.edge(pts), edges.optimum(pts)
-        located[key] = (e, o)
-        parts = [p.text() for p in (e, o) if p is not None]
+        o = edges.optimum(pts)
+        located[key] = (w, o)
+        if w.n_lrs < MIN_LRS:
+            few.append(f"{_group_name(key)} ({w.n_lrs})")
+            continue
         refined = sum(r.refine is not None for r in trials)
-        tried = f"{len({p.lr for p in pts})} LRs" + (f", {refined} from refinement" if refined else "")
+        tried = f"{w.n_lrs} LRs" + (f", {refined} from refinement" if refined else "")
+        parts = [w.text()] + ([o.text()] if o is not None else [])
         out.append(f"{_group_name(key)}: " + "; ".join(parts) + f" [{tried}]")
+    if few:
+        out.append(f"too few learning rates to place a window or an edge (fewer than {MIN_LRS} in the group): "
+                   + ", ".join(few))
     out.extend(_lora_vs_full(located))
     out.extend(_batch_scaling(located))
     return out
@@ -141,33 +220,57 @@ def _range(lo: float | None, hi: float | None) -> str:
     return f"{edges.ratio_text(lo)} .. {edges.ratio_text(hi)}" if lo and hi else "open-ended"
 
 
+def _why_not(name: str, w: Window, o: edges.Optimum | None, need_edge: bool = False) -> str | None:
+    """Why this group cannot carry a comparison; None when it can."""
+    if w.n_lrs < MIN_LRS:
+        return f"{name} has {w.n_lrs} LR(s), fewer than {MIN_LRS}"
+    if w.best is None or w.best.outcome != "converged":
+        what = f"its best trial (lr {_fmt(w.best.learning_rate)}) was {w.best.outcome}" if w.best else "none ran to its end"
+        return f"no {name} trial converged at its best ({what})"
+    if need_edge:
+        if not (w.edge and w.edge.below and w.edge.above):
+            return f"{name} has no divergence edge inside its range"
+    elif o is None or None in o.bracket:
+        return f"{name}'s best LR is at an end of its range (the optimum may lie beyond it)"
+    return None
+
+
 def _lora_vs_full(located: dict) -> list[str]:
     out = []
-    for (method, others), (_, o) in located.items():
+    for (method, others), (w, o) in located.items():
         full = located.get(("full", others))
-        if method != "lora" or o is None or full is None or full[1] is None:
+        if method != "lora" or full is None:
+            continue
+        at = f" at {_group_name(('', others)).lstrip(', ')}" if others else ""
+        why = _why_not("lora", w, o) or _why_not("full", *full)
+        if why:
+            out.append(f"LoRA's best LR against full fine-tuning's{at}: not stated, {why}")
             continue
         f = full[1]
         (llo, lhi), (flo, fhi) = o.bracket, f.bracket
-        span = _range(llo / fhi if llo and fhi else None, lhi / flo if lhi and flo else None)
-        at = f" at {_group_name(('', others)).lstrip(', ')}" if others else ""
+        span = _range(llo / fhi, lhi / flo)
         out.append(f"LoRA's best LR is {edges.ratio_text(o.best / f.best)} full fine-tuning's{at} ({_fmt(o.best)} against "
-                   f"{_fmt(f.best)}; the optima's brackets allow {span}; the rule of thumb says about 10x)")
+                   f"{_fmt(f.best)}, both converged; the optima's brackets allow {span}; the rule of thumb says about 10x)")
     return out
 
 
 def _batch_scaling(located: dict) -> list[str]:
     """Where the edge sits at each batch size, against linear (LR x k for batch x k) and square-root scaling."""
     out = []
-    by_method: dict[str, list[tuple[int, edges.Edge]]] = defaultdict(list)
-    for (method, others), (e, _) in located.items():
+    by_method: dict[str, list[tuple[int, Window, edges.Optimum | None]]] = defaultdict(list)
+    for (method, others), (w, o) in located.items():
         bs = dict(others).get("batch_size")
-        if bs is not None and e is not None and e.below and e.above and len(others) == 1:
-            by_method[method].append((bs, e))
+        if bs is not None and len(others) == 1:
+            by_method[method].append((bs, w, o))
     for method, rows in by_method.items():
         if len(rows) < 2:
             continue
-        (b1, e1), (b2, e2) = min(rows, key=lambda x: x[0]), max(rows, key=lambda x: x[0])
+        (b1, w1, o1), (b2, w2, o2) = min(rows, key=lambda x: x[0]), max(rows, key=lambda x: x[0])
+        why = (_why_not(f"batch {b1}", w1, o1, need_edge=True) or _why_not(f"batch {b2}", w2, o2, need_edge=True))
+        if why:
+            out.append(f"{method}: how the divergence edge moves from batch {b1} to {b2} is not stated, {why}")
+            continue
+        e1, e2 = w1.edge, w2.edge
         moved = math.sqrt(e2.below * e2.above) / math.sqrt(e1.below * e1.above)
         lo, hi = e2.below / e1.above, e2.above / e1.below
         k = b2 / b1
@@ -189,29 +292,22 @@ def _method_findings(records, method) -> list[str]:
     if diverged and len(diverged) == len(alive):
         return [f"{method}: every trial diverged ({len(diverged)}/{len(alive)}), even at lr {_fmt(min(diverged))}: "
                 "lower the learning-rate range"]
-    if diverged:
-        low = min(diverged)
-        above = [r for r in alive if r.learning_rate >= low]
-        parts.append(f"diverged at lr >= {_fmt(low)} ({sum(r.outcome == 'diverged' for r in above)}/{len(above)} trials)")
-    for outcome, words in (("overfit", "overfit or mismatched at"), ("oscillating", "oscillating at")):
-        lrs = sorted({r.learning_rate for r in alive if r.outcome == outcome})
-        if lrs:
-            parts.append(f"{words} " + ", ".join(_fmt(x) for x in lrs))
-    window = stable_window(records, method)
-    if window:
-        parts.append(f"stable window {_fmt(window[0])} to {_fmt(window[1])}")
     best = best_trial(records, method)
     if best:
         l0 = best.final.get("l0", float("nan"))
-        parts.append(f"best lr {_fmt(best.learning_rate)} (eval loss {final_loss(best):.3f}, l0 {l0:.3f})")
+        parts.append(f"best lr {_fmt(best.learning_rate)} (eval loss {final_loss(best):.3f}, l0 {l0:.3f}, {best.outcome})")
     sens = lr_sensitivity(records, method)
     if sens is not None:
         parts.append(f"LR sensitivity {sens:.2f}")
+    counts: dict[str, list[float]] = defaultdict(list)
+    for r in alive:
+        counts[r.outcome or "unclassified"].append(r.learning_rate)
+    if best or sens is not None:  # how many ended how; where, per batch size (a group): the lines below, never pooled
+        parts.append(f"{len(alive)} trial(s): " + ", ".join(
+            f"{len(lrs)} {o}"
+            for o, lrs in sorted(counts.items(), key=lambda kv: OUTCOME_ORDER.index(kv[0]) if kv[0] in OUTCOME_ORDER else 99)))
     if not parts:  # e.g. every trial pruned before its first eval: say so rather than print an empty finding
-        counts: dict[str, int] = defaultdict(int)
-        for r in alive:
-            counts[r.outcome or "unclassified"] += 1
-        parts.append("no trial reached an eval loss (" + ", ".join(f"{n} {o}" for o, n in sorted(counts.items())) + ")")
+        parts.append("no trial reached an eval loss (" + ", ".join(f"{len(v)} {o}" for o, v in sorted(counts.items())) + ")")
     if failed:
         parts.append(f"{len(failed)} failed")
     return [f"{method}: " + "; ".join(parts)]

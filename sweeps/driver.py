@@ -136,6 +136,10 @@ def _preflight_data(spec: SweepSpec) -> None:
     except UserError as exc:
         raise UserError(f"{spec.source}: data.eval: {exc}") from None
     print(f"{base.eval_plan()}: {len(ev)} eval records, {len(train_part)} training records", flush=True)
+    from trainer.config import eval_size_warning
+
+    if eval_size_warning(len(ev)):
+        print(eval_size_warning(len(ev)), flush=True)
     try:
         model_dir = resolve_model_dir(spec.model)  # converts the packaged model once per machine
     except UserError as exc:

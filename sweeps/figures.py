@@ -15,9 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
-from sweeps import edges  # noqa: E402
-from sweeps.analysis import best_trial, final_loss, lr_sensitivity, methods, stable_window  # noqa: E402
-from sweeps.analysis import points as lr_points  # noqa: E402
+from sweeps.analysis import MARGIN, MIN_LRS, best_trial, final_loss, lr_sensitivity, methods, window  # noqa: E402
 from sweeps.records import LABELS, OUTCOMES  # noqa: E402
 from sweeps.tradeoff import front, fronts_by_method, lr_text, points  # noqa: E402
 
@@ -56,15 +54,16 @@ def _y_axis(records) -> str:
     return "batch_size"
 
 
-_EDGE, _OPTIMUM = "#d62828", "#2a9d3f"
+_EDGE, _WELL, _UNSTABLE = "#d62828", "#2a9d3f", "#f4a261"
 
 
 def map_figure(records, out: Path) -> Path:
     """Per method: learning rate (log) x batch size, coloured by outcome, annotated with the final eval loss.
 
-    Grid trials are squares with their loss; refinement trials (``sweeps.refine``) smaller circles. Each row
-    carries its divergence edge (red bar: the interval between the highest LR that did not diverge and the
-    lowest that did) and its optimum's bracket (green bar), from ``sweeps.edges``."""
+    Grid trials are squares with their loss; refinement trials (``sweeps.refine``) smaller circles. Each row is a
+    group's window (``sweeps.analysis.window``): green bars where it learns well (converged within 5% of the row's
+    best), an orange tick where instability starts (the lowest LR that oscillated or diverged) and a red bar for its
+    divergence edge (between the highest LR that did not diverge and the lowest that did)."""
     ms = methods(records)
     fig, axes = _panels(len(ms), 3.4)
     ykey = _y_axis(records)
@@ -82,34 +81,37 @@ def map_figure(records, out: Path) -> Path:
                 ax.annotate(label, (r.learning_rate, y), ha="center", va="center", fontsize=7, color="white", zorder=4)
         for i, y in enumerate(ys):
             row = [r for r in mine if r.config.get(ykey) == y and r.outcome not in ("failed", "unfinished")]
-            e, o = edges.edge(lr_points(row)), edges.optimum(lr_points(row))
+            w = window(row)
+            if w.n_lrs < MIN_LRS:  # as in the findings: too few LRs to place a window or an edge
+                continue
+            e = w.edge
             if e and e.below and e.above:
                 ax.hlines(i + 0.36, e.below, e.above, color=_EDGE, lw=3.5, zorder=2)
-            lo, hi = o.bracket if o else (None, None)
-            if lo and hi:
-                ax.hlines(i - 0.36, lo, hi, color=_OPTIMUM, lw=3.5, zorder=2)
+            for lo, hi in w.well:  # a single LR: a short bar around it
+                ax.hlines(i - 0.36, lo / (1.12 if lo == hi else 1), hi * (1.12 if lo == hi else 1), color=_WELL, lw=3.5, zorder=2)
+            if w.unstable is not None:
+                ax.plot([w.unstable], [i + 0.36], marker="|", markersize=14, mew=3, color=_UNSTABLE, zorder=4)
         ax.set_xscale("log")
         lrs = [r.learning_rate for r in mine if r.learning_rate > 0]
         if lrs:
             ax.set_xlim(min(lrs) / 2.5, max(lrs) * 2.5)
         ax.set_yticks(range(len(ys)), [str(y) for y in ys])
         ax.set_ylim(-0.7, len(ys) - 0.3)
-        window = stable_window(records, method)
-        title = method + (f"\nstable {edges.lr_text(window[0])} .. {edges.lr_text(window[1])}" if window else "\nno stable LR")
-        ax.set_title(title, fontsize=10)
+        ax.set_title(method, fontsize=10)
         ax.set_xlabel("learning rate")
         ax.set_ylabel(ykey.replace("_", " "))
         ax.grid(alpha=0.25)
     handles = [plt.Line2D([], [], marker="s", ls="", color=c, markersize=9, label=LABELS[o]) for o, c in OUTCOME_COLORS.items()]
     if any(r.refine is not None for r in records):
         handles.append(plt.Line2D([], [], marker="o", ls="", color="#777", markersize=6, label="refinement trial"))
-    handles += [plt.Line2D([], [], color=_EDGE, lw=3.5, label="divergence edge"),
-                plt.Line2D([], [], color=_OPTIMUM, lw=3.5, label="optimum bracket")]
+    handles += [plt.Line2D([], [], color=_WELL, lw=3.5, label=f"learns well (converged, within {MARGIN:.0%} of best)"),
+                plt.Line2D([], [], color=_UNSTABLE, marker="|", markersize=10, mew=3, ls="", label="instability starts"),
+                plt.Line2D([], [], color=_EDGE, lw=3.5, label="divergence edge")]
     ncol = 3 if len(ms) < 2 else math.ceil(len(handles) / 2)
     fig.legend(handles=handles, loc="lower center", ncol=ncol, frameon=False, fontsize=8)
     if not ms:
         _empty(axes[0])
-    fig.suptitle("Where is fine-tuning stable? (cell text: final eval loss)", fontsize=11)
+    fig.suptitle("Where does it learn well, turn unstable, diverge? (cell text: final eval loss)", fontsize=11)
     rows = math.ceil(len(handles) / ncol)  # the legend's rows, below the panels
     fig.tight_layout(rect=(0, 0.03 + 0.055 * rows, 1, 0.95))
     fig.savefig(out, dpi=_DPI)
@@ -154,7 +156,9 @@ def curves_figure(records, out: Path) -> Path:
 
 
 def method_panel_figure(records, out: Path) -> Path:
-    """Final eval loss against LR per batch size, stable window shaded, best LR marked, sensitivity in the title."""
+    """Final eval loss against LR per batch size, each with its window (``sweeps.analysis.window``): where it learns
+    well shaded, where instability starts (orange x) and the first LR that diverged (red v); the best LR marked,
+    the sensitivity in the title."""
     ms = methods(records)
     fig, axes = _panels(len(ms))
     for ax, method in zip(axes, ms):
@@ -164,13 +168,22 @@ def method_panel_figure(records, out: Path) -> Path:
             continue
         for bs in sorted({r.config.get("batch_size") for r in mine}, key=str):
             pts = sorted((r.learning_rate, final_loss(r)) for r in mine if r.config.get("batch_size") == bs)
-            ax.plot(*zip(*pts), "o-", label=f"bs {bs}")
+            (line,) = ax.plot(*zip(*pts), "o-", label=f"bs {bs}")
+            w = window([r for r in records if r.method == method and r.config.get("batch_size") == bs])
+            if w.n_lrs < MIN_LRS:
+                continue
+            for k, (lo, hi) in enumerate(w.well):
+                ax.axvspan(lo / 1.15, hi * 1.15, color=line.get_color(), alpha=0.12,
+                           label=f"learns well, bs {bs}" if k == 0 else None)
+            loss_at = dict(pts)
+            if w.unstable is not None and w.unstable in loss_at:
+                ax.plot([w.unstable], [loss_at[w.unstable]], "x", ms=11, mew=2.5, color=_UNSTABLE,
+                        label=_once(ax, "instability starts"))
+            if w.edge and w.edge.above and w.edge.above in loss_at:
+                ax.plot([w.edge.above], [loss_at[w.edge.above]], "v", ms=9, color=_EDGE, label=_once(ax, "diverges"))
         l0 = mine[0].final.get("l0")
         if l0:
             ax.axhline(l0, color="#777", ls=":", label="l0 (base)")
-        window = stable_window(records, method)
-        if window:
-            ax.axvspan(window[0] / 1.15, window[1] * 1.15, color="#2a9d3f", alpha=0.12, label="stable window")
         best = best_trial(records, method)
         if best:
             ax.axvline(best.learning_rate, color="#2a9d3f", lw=1, label=f"best {best.learning_rate:.0e}")
@@ -182,6 +195,11 @@ def method_panel_figure(records, out: Path) -> Path:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.25)
     return _save(fig, out)
+
+
+def _once(ax, label: str) -> str | None:
+    """A legend label the first time a panel draws it (one entry for every batch size's marker)."""
+    return None if label in [h.get_label() for h in ax.get_lines()] else label
 
 
 def _mean_by_lr(records, key: str) -> tuple[list[float], list[float]]:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from sweeps.analysis import final_loss
-from sweeps.browse import LINK_WORDS, parent_note, ui_base, ui_links
+from sweeps.browse import FINDINGS_FILE, LINK_WORDS, parent_note, ui_base, ui_links
 from sweeps.records import OUTCOMES, TrialRecord, save_records
 from sweeps.spec import SweepSpec
 from sweeps.tradeoff import finished, front, is_number, non_dominated, points
@@ -47,19 +47,8 @@ def finish_sweep(spec: SweepSpec, sweep_dir: Path, records: list[TrialRecord], t
         best_words = (f"{best.trial_id} {c.get('method')} lr={c.get('learning_rate', float('nan')):.3g} "
                       f"bs={c.get('batch_size', '-')}  {spec.search.metrics[0]}={best.objective:.4f}")
     if parent_coming:
-        for path in [*report.figures, report.html, sweep_dir / "trials.json"]:
-            tracker.submit({"op": "artifact", "trial": None, "path": str(path), "dest": "report"})
-        tracker.submit({"op": "text", "trial": None, "text": "\n".join(report.findings), "file": "report/findings.txt"})
-        if report.importances:
-            tracker.submit({"op": "text", "trial": None, "text": json.dumps(report.importances, indent=1),
-                            "file": "report/importance.json"})
-        note = parent_note(spec.name, report.findings, [p.name for p in [*report.figures, report.html]], links, best_words)
-        tracker.submit({"op": "tags", "trial": None, "tags": {"wall_s": f"{wall_s:.1f}", "trials": str(len(records)),
-                                                               "mlflow.note.content": note}})
-        tracker.submit({"op": "metrics", "trial": None, "last_step": 0,
-                        "metrics": [(k, v, int(time.time() * 1000), 0)
-                                    for k, v in summary_metrics(records, best, spec.search.metrics[0]).items()]})
-        tracker.submit({"op": "end", "trial": None, "status": "FINISHED"})  # --resume sets it running again
+        log_parent_run(tracker, spec.name, report, records, links, best_words, best, spec.search.metrics[0],
+                       extra=[sweep_dir / "trials.json"], wall_s=wall_s)
     if best_words:
         print(f"\nbest: {best_words}")
         print(f"export it:  python scripts/export_best.py {sweep_dir}")
@@ -73,6 +62,32 @@ def finish_sweep(spec: SweepSpec, sweep_dir: Path, records: list[TrialRecord], t
         print(f"  {LINK_WORDS[name]}:\n    {url}")
     print(f"wall time:  {wall_s:.0f} s for {len(records)} trials")
     return left
+
+
+def log_parent_run(tracker, name: str, report, records: list[TrialRecord], links: dict[str, str], best_words: str | None,
+                   best: TrialRecord | None, metric: str, *, extra: list[Path], wall_s: float) -> None:
+    """The parent run's artifacts (figures, report, the full findings), its note (a summary within MLflow's limit that
+    links the full findings), its tags and summary metrics; then it is ended."""
+    for path in [*report.figures, report.html, *extra]:
+        tracker.submit({"op": "artifact", "trial": None, "path": str(path), "dest": "report"})
+    tracker.submit({"op": "text", "trial": None, "text": "\n".join(report.findings), "file": FINDINGS_FILE})
+    if report.importances:
+        tracker.submit({"op": "text", "trial": None, "text": json.dumps(report.importances, indent=1),
+                        "file": "report/importance.json"})
+    note = parent_note(name, report.findings, [p.name for p in [*report.figures, report.html]], links, best_words,
+                       summary=outcome_counts(records))
+    tracker.submit({"op": "tags", "trial": None, "tags": {"wall_s": f"{wall_s:.1f}", "trials": str(len(records)),
+                                                           "mlflow.note.content": note}})
+    tracker.submit({"op": "metrics", "trial": None, "last_step": 0,
+                    "metrics": [(k, v, int(time.time() * 1000), 0)
+                                for k, v in summary_metrics(records, best, metric).items()]})
+    tracker.submit({"op": "end", "trial": None, "status": "FINISHED"})  # --resume sets it running again
+
+
+def outcome_counts(records: list[TrialRecord]) -> str:
+    """'42: 26 converged, 8 diverged, ...': the trials per outcome, in the outcomes' order."""
+    counts = [(o, sum(r.outcome == o for r in records)) for o in OUTCOMES]
+    return f"{len(records)}: " + ", ".join(f"{n} {o}" for o, n in counts if n)
 
 
 def summary_metrics(records: list[TrialRecord], best: TrialRecord | None, metric: str) -> dict[str, float]:

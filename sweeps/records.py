@@ -20,8 +20,10 @@ from sweeps.faults import HOST_OOM, atomic_write, is_host_oom
 from sweeps.watchdog import TrialStalled
 
 # --- metric names: the one list, and the named subsets its readers and writers use --------------------------
-CURVES = ("train_loss", "train_loss_ema", "eval_loss", "grad_norm", "lr", "tokens_per_s", "objective")
-"""A value at (nearly) every report: the curves MLflow draws and ``sweeps.mlflow_records`` reads back."""
+CURVES = ("train_loss", "train_loss_ema", "eval_loss", "grad_norm", "lr", "tokens_per_s", "objective",
+          "train_exact_match", "forgetting")
+"""A value at (nearly) every report: the curves MLflow draws and ``sweeps.mlflow_records`` reads back. Exact match of
+the training completions and forgetting are measured at the end, and along the run with ``exact_match_every``."""
 PROGRESS = ("step", "examples_seen", "epoch")
 """Where on the run a report is; ``examples_seen`` is every curve's x axis (MLflow's step)."""
 TIMINGS = ("train_time_s", "eval_time_s", "setup_time_s")
@@ -29,9 +31,10 @@ MEMORY = ("peak_mem_gib", "mem_estimate_gib", "gpu_share", "mem_cap_gib")
 """Peak memory (CUDA allocated on a GPU, the process's peak resident set on a CPU); on a GPU, the trial's estimate,
 its share of the GPU and the CUDA memory cap that share set (``sweeps.placement``)."""
 SUMMARY = (
-    "l0", "train_exact_match", "eval_exact_match", "train_token_accuracy", "eval_token_accuracy",
-    "train_completion_loss", "train_prompt_loss", "forgetting", "reference_nll", "weight_change_mean",
-    "weights_changed_fraction", "trainable_fraction",
+    "l0", "eval_exact_match", "train_token_accuracy", "eval_token_accuracy", "base_train_exact_match",
+    "train_completion_loss", "train_prompt_loss", "eval_prompt_loss", "reference_nll", "weight_change_mean",
+    "weights_changed_fraction", "trainable_fraction", "train_records", "eval_records", "prompt_tokens",
+    "completion_tokens",
 )
 """Measured once, at the start (``l0``) or the end of a run."""
 METRICS = (*PROGRESS, *CURVES, *TIMINGS, *MEMORY, *SUMMARY)

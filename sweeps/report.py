@@ -30,14 +30,17 @@ def build_report(records, out_dir: Path, *, title: str, links: dict[str, str] | 
     import matplotlib
 
     matplotlib.use("Agg")
-    from sweeps import figures, importance, tradeoff
-    from sweeps.analysis import diagnose
+    from sweeps import figures, importance, questions, tradeoff
+    from sweeps.analysis import diagnose, small_heldout
     from sweeps.html_report import write_html
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     found = importance.importances(records)
-    findings = diagnose(records) + tradeoff.findings(records) + importance.findings(records, found)
+    found_first = diagnose(records)
+    warned = len(small_heldout(records))  # the warnings first, then the answers to a question the sweep asks
+    findings = (found_first[:warned] + questions.findings(records) + found_first[warned:] + tradeoff.findings(records)
+                + importance.findings(records, found))
     paths = [
         figures.map_figure(records, out_dir / "map.png"),
         figures.curves_figure(records, out_dir / "curves.png"),

@@ -43,9 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     if args.dry_run:
         from sweeps.space import describe
+        from trainer.config import eval_size_warning
+        from trainer.data import run_records
 
         print(describe(spec))
-        print(spec.base.eval_plan())
+        train, held_out = run_records(spec.base)
+        print(f"{spec.base.eval_plan()}: {len(held_out)} eval records, {len(train)} training records")
+        if eval_size_warning(len(held_out)):
+            print(eval_size_warning(len(held_out)))
         _print_plan(spec, args.address)
         print(f"sweep folder: {spec.sweep_dir()}")
         return 0

@@ -290,6 +290,18 @@ class SweepSpec(BaseModel):
     output_dir: str = "sweeps_out"  # the sweep's folder is <output_dir>/<name>
     source: str | None = None  # the spec file, filled in by load_spec
 
+    @model_validator(mode="before")
+    @classmethod
+    def _grid_prunes_by_divergence(cls, data: Any) -> Any:
+        """A grid is a map: unless its spec names a rule, it stops trials by the divergence rules only (see
+        ``_grid_problems``), so its default rule is none, not the median rule of a search."""
+        if not isinstance(data, dict) or not isinstance(data.get("search"), dict):
+            return data
+        pruning = data.get("pruning", {})
+        if data["search"].get("algorithm") == "grid" and isinstance(pruning, dict) and "rule" not in pruning:
+            data = {**data, "pruning": {**pruning, "rule": "none"}}
+        return data
+
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
@@ -318,9 +330,23 @@ class SweepSpec(BaseModel):
         elif self.search.refine and "learning_rate" not in self.space:
             problems.append("search.refine: the space has no learning_rate to refine")
         problems.extend(self._multi_objective_problems())
+        problems.extend(self._grid_problems())
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _grid_problems(self) -> list[str]:
+        """The same grid must give the same map. A median, percentile or halving rule compares a trial with whichever
+        trials had reached that point, so with trials side by side Ray's timing would decide which cells are pruned
+        (and where refinement goes). Run one at a time, the trials before a cell are always the cells before it in the
+        grid's fixed order: then a rule is allowed."""
+        rule = self.pruning.rule
+        if self.search.algorithm != "grid" or rule == "none" or self.search.max_concurrent == 1:
+            return []
+        return [f"pruning.rule: {rule} on a grid compares each trial with whichever trials happened to finish first, so "
+                "two runs of the same spec could map different cells as pruned; a grid stops trials by the divergence "
+                "rules only (rule: none, its default), or give search.max_concurrent: 1 (then the trials before a cell "
+                "are always the cells before it in the grid's order)"]
 
     def _multi_objective_problems(self) -> list[str]:
         """Optuna cannot prune a multi-objective study (Trial.report raises); the bridge's own rules can."""

@@ -14,6 +14,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from trainer.yamlio import apply_overrides, read_yaml, validate
 
 DEFAULT_HOLDOUT = 0.1  # share of a user's training file held out for the held-out loss when no eval data is given
+MIN_EVAL_RECORDS = 8  # fewer held-out records than this, and every held-out verdict rests on a handful
+
+
+def eval_size_warning(n_eval: int) -> str | None:
+    """What a run or sweep says at start when its held-out set is small; None when it is not."""
+    if n_eval >= MIN_EVAL_RECORDS:
+        return None
+    return (f"warning: only {n_eval} held-out record(s) (fewer than {MIN_EVAL_RECORDS}): every held-out loss, overfit "
+            "verdict and best trial will rest on them; give eval data of your own or a larger eval fraction")
 
 
 class TrainConfig(BaseModel):
@@ -74,6 +83,10 @@ class TrainConfig(BaseModel):
     # --- reporting -------------------------------------------------------
     report_every: int = Field(8, ge=1)  # examples between reports; the same for every trial of a sweep
     eval_every: int | None = Field(32, ge=1)  # examples between eval-loss points (rounded to reports); None = only at the end
+    exact_match_every: int | None = Field(None, ge=1)
+    """Examples between points of the memorization curve (a multiple of report_every): greedy exact match of the
+    training completions (``train_exact_match``) and, with ``forgetting``, the reference-text NLL change, logged like
+    the losses; None: both at the end only. How many epochs a completion needs before it comes back exactly."""
     ema_beta: float = Field(0.98, gt=0, lt=1)  # smoothing of the train loss (fastai, Lightning)
     memorization: bool = True  # exact match / token accuracy on train and eval completions
     forgetting: bool = True  # NLL change on a fixed reference text set that is not training data
@@ -123,8 +136,11 @@ class TrainConfig(BaseModel):
         if ev is not None and frac:
             raise ValueError("give eval_data or eval_fraction, not both")
         if ev is None and frac is None:
-            if isinstance(train, str) and train.startswith("builtin:facts") and not train.startswith("builtin:facts-heldout"):
-                data = {**data, "eval_data": "builtin:facts-heldout"}
+            from trainer.facts import heldout_of
+
+            heldout = heldout_of(train) if isinstance(train, str) else None
+            if heldout:  # a built-in training set: its paraphrases
+                data = {**data, "eval_data": heldout}
             else:
                 data = {**data, "eval_fraction": DEFAULT_HOLDOUT}
         return data
@@ -134,6 +150,10 @@ class TrainConfig(BaseModel):
         if self.eval_every is not None and self.eval_every % self.report_every:
             raise ValueError(
                 f"eval_every ({self.eval_every}) must be a multiple of report_every ({self.report_every})"
+            )
+        if self.exact_match_every is not None and self.exact_match_every % self.report_every:
+            raise ValueError(
+                f"exact_match_every ({self.exact_match_every}) must be a multiple of report_every ({self.report_every})"
             )
         return self
 

@@ -95,8 +95,6 @@ def _parse_messages(messages: object, where: str) -> tuple[tuple[str, str], ...]
 
 
 SPLIT_SEED = 0  # the held-out share is the same for every trial, whatever the trial's own seed
-
-
 def split_records(
     train: list[Record], eval_source: str | None, eval_fraction: float | None, seed: int = SPLIT_SEED
 ) -> tuple[list[Record], list[Record]]:

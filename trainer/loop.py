@@ -108,10 +108,13 @@ def train(
     for _ in range(state.examples_seen):
         next(stream)
     static = {"l0": base["eval"]["loss"], **trainable_summary(model), "total_steps": total_steps,
-              "resumed_from_step": state.step, "start_unix": start_unix}
+              "resumed_from_step": state.step, "start_unix": start_unix,
+              "train_records": len(train_ex), "eval_records": len(eval_ex),  # what every held-out verdict rests on
+              **_token_shares(train_ex)}
     reference = base.pop("reference_examples", None)
     static["setup_time_s"] = time.perf_counter() - t_setup  # in every report: a pruned trial never sends the final one
-    ctx = _Ctx(cfg, model, tokenizer, optimizer, scheduler, state, train_ex, eval_ex, reference, device, static, report)
+    ctx = _Ctx(cfg, model, tokenizer, optimizer, scheduler, state, train_ex, eval_ex, reference, device, static, report,
+               base_reference_nll=base.get("reference_nll"))
     status, reason = "completed", ""
     bar = _progress(progress, total_steps, state.step)
     try:
@@ -145,6 +148,7 @@ class _Ctx:
     device: torch.device
     static: dict
     report: Report | None
+    base_reference_nll: float | None = None
     last_eval: float | None = None
 
 
@@ -212,6 +216,9 @@ def _report(ctx: _Ctx, extra: dict | None = None) -> dict:
         state.eval_time += time.perf_counter() - t0
         ctx.last_eval = ev["loss"]
         metrics["eval_loss"] = ev["loss"]
+    em_due = cfg.exact_match_every is not None and state.examples_seen % cfg.exact_match_every < cfg.examples_per_step
+    if em_due and not (extra and "train_exact_match" in extra):  # a completed run's final report brings its own
+        metrics.update(_memorization_point(ctx))
     if extra:
         metrics.update(extra)
     metrics = {k: v for k, v in metrics.items() if v is not None}
@@ -221,6 +228,28 @@ def _report(ctx: _Ctx, extra: dict | None = None) -> dict:
     if ctx.report is not None:
         ctx.report(metrics, checkpoint=lambda path: _save_checkpoint(Path(path), ctx))
     return metrics
+
+
+def _token_shares(examples) -> dict[str, float]:
+    """Mean tokens per training example that the loss predicts: completion (weight 1) and the rest (weight
+    ``prompt_loss_weight``; the first token is never predicted)."""
+    completion = sum(sum(e.target) for e in examples)
+    prompt = sum(len(e.input_ids) - 1 - sum(e.target) for e in examples)
+    n = max(len(examples), 1)
+    return {"prompt_tokens": prompt / n, "completion_tokens": completion / n}
+
+
+def _memorization_point(ctx: _Ctx) -> dict[str, float]:
+    """One point of the memorization curve (``exact_match_every``): greedy exact match of the training completions
+    and, with ``forgetting``, the reference-text NLL change so far."""
+    t0 = time.perf_counter()
+    kw = dict(pad_id=ctx.tokenizer.pad_token_id, eos_id=ctx.tokenizer.eos_token_id,
+              batch_size=ctx.cfg.eval_batch_size, device=ctx.device)
+    out = {"train_exact_match": evaluate(ctx.model, ctx.train_ex, **kw)["exact_match"]}
+    if ctx.cfg.forgetting and ctx.reference and ctx.base_reference_nll is not None:
+        out["forgetting"] = evaluate(ctx.model, ctx.reference, **kw)["loss"] - ctx.base_reference_nll
+    ctx.state.eval_time += time.perf_counter() - t0
+    return out
 
 
 def _finish(ctx: _Ctx, base: dict, w0: dict, method, status: str, reason: str) -> TrainResult:

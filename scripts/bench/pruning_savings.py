@@ -29,10 +29,12 @@ Read from each sweep's ``trials.json``, trials matched by their grid cell
    pruned spec's settings (the stopper's own class); the stop is the pruned
    run's last report. Reports are numbered from 1.
 
-Pruning decisions depend on which trials finished first (the median rule
-compares a trial with the finished ones), so with trials running side by side
-the pruned run's numbers vary a little between runs. A benchmark, not a test:
-nothing is asserted about the figures.
+A grid prunes by the divergence rules only unless it runs one trial at a
+time (``sweeps.spec``: a median rule compares a trial with whichever trials
+had finished, so side by side Ray's timing would decide), so on ``lr.yaml``
+the saving is the divergence stopper's; ``--quick`` adds a median rule with
+``search.max_concurrent=1``. A benchmark, not a test: nothing is asserted
+about the figures.
 """
 from __future__ import annotations
 

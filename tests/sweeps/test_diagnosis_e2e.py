@@ -64,9 +64,13 @@ output_dir: {tmp_path / 'out'}
 """)
     dry = run_cli(["sweeps/run.py", str(spec), "--dry-run"])
     assert dry.returncode == 0 and "10% of" in dry.stdout and "held out" in dry.stdout, dry.stdout + dry.stderr
+    small = "warning: only 2 held-out record(s) (fewer than 8)"  # 10% of 24: said before anything runs, and after
+    assert "2 eval records, 22 training records" in dry.stdout and small in dry.stdout
     proc = run_cli(["sweeps/run.py", str(spec)], timeout=600, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "cooking_train.jsonl held out" in proc.stdout and "2 eval records, 22 training records" in proc.stdout
+    assert small in proc.stdout.split("findings:")[0]
+    assert "  - warning: the held-out set has 2 record(s), fewer than 8" in proc.stdout.split("findings:")[1]
     (trial,) = json.loads((tmp_path / "out/own-data/trials.json").read_text())
     assert trial["config"]["eval_data"] is None and trial["config"]["eval_fraction"] == pytest.approx(0.1)
     assert "builtin" not in json.dumps(trial["config"])

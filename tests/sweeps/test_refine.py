@@ -156,7 +156,7 @@ def test_refinement_trials_follow_the_grid_and_bisect_the_edge(straight):
     e = edge([Point(t["config"]["learning_rate"], t["outcome"] == "diverged") for t in trials])
     assert e.below and e.above and e.ratio <= 1000 ** (1 / 2**2) * 1.01, e
     finding = next(line for line in out.splitlines() if "diverges between" in line)
-    assert f"full: {e.text()};" in finding, finding
+    assert finding.startswith("  - full: ") and f"{e.text()};" in finding, finding
     # MLflow: one child run per trial, the refinement ones tagged with their round
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("refine")

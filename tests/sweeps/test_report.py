@@ -1,5 +1,6 @@
 """The report on synthetic sweeps (a method that always diverged, one batch size, failed trials) and the
-measures behind it: LR sensitivity, the stable LR window and the findings in plain words.
+measures behind it: LR sensitivity, each group's window (learns well, instability, divergence), the guards on
+comparisons and the findings in plain words.
 
 Fast: synthetic TrialRecords in a sweep folder's trials.json (no Ray, no training).
 
@@ -19,7 +20,7 @@ import matplotlib.colors
 import matplotlib.image
 import pytest
 
-from sweeps.analysis import best_lr, diagnose, final_loss, lr_sensitivity, stable_window
+from sweeps.analysis import best_lr, diagnose, final_loss, lr_sensitivity, window
 from sweeps.figures import OUTCOME_COLORS
 from sweeps.records import TrialRecord, save_records
 from tests.conftest import run_cli
@@ -101,17 +102,33 @@ def _window_trials() -> list[TrialRecord]:
     ]
 
 
-def test_stable_window_runs_from_lowest_lr_within_margin_to_highest_lr_not_diverged():
-    assert stable_window(_window_trials(), "full") == (3e-5, 1e-3)
+def test_window_learns_well_where_converged_within_margin_then_instability_then_divergence():
+    w = window(_window_trials())
+    assert w.well == [(3e-5, 1e-4)] and (w.unstable, w.unstable_how) == (1e-3, "oscillating")
+    assert (w.edge.below, w.edge.above) == (1e-3, 3e-3) and w.best.learning_rate == 1e-4 and w.n_lrs == 7
 
 
-@pytest.mark.parametrize("margin, low", [(0.03, 1e-4), (0.05, 3e-5), (1.0, 1e-5)])
-def test_stable_window_low_end_is_the_lowest_lr_within_the_margin_of_the_best(margin, low):
-    assert stable_window(_window_trials(), "full", margin=margin) == (low, 1e-3)
+@pytest.mark.parametrize("margin, well", [(0.03, [(1e-4, 1e-4)]), (0.05, [(3e-5, 1e-4)]), (0.10, [(3e-5, 3e-4)])])
+def test_window_learns_well_within_the_margin_of_the_best(margin, well):
+    assert window(_window_trials(), margin=margin).well == well
 
 
-def test_stable_window_is_none_when_every_trial_diverged():
-    assert stable_window([_trial("full", lr, "diverged", 3.0) for lr in (1e-4, 1e-3)], "full") is None
+def test_no_range_called_good_holds_an_oscillating_trial_even_one_with_a_good_loss():
+    """The issue's lr.yaml: 'stable 1e-3 to 1.8e-2' although 1e-2 oscillated. Here 3.2e-3 oscillated at a loss within
+    the margin and 5.6e-3 converged above it: two runs, and the instability is said to start at 3.2e-3."""
+    trials = [_trial("full", 1e-3, "converged", 1.0), _trial("full", 1.8e-3, "converged", 1.02),
+              _trial("full", 3.2e-3, "oscillating", 1.01), _trial("full", 5.6e-3, "converged", 1.03),
+              _trial("full", 1e-2, "oscillating", 1.4), _trial("full", 3.2e-2, "diverged", 3.0)]
+    w = window(trials)
+    assert w.well == [(1e-3, 1.8e-3), (5.6e-3, 5.6e-3)]
+    assert w.text() == ("learns well at 1e-3 to 1.8e-3, 5.6e-3 (converged within 5% of its best held-out loss, 1.000); "
+                        "instability starts at 3.2e-3 (oscillating, though 5.6e-3 above it converged); "
+                        "diverges between 1e-2 and 3.2e-2 (3.2x)")
+
+
+def test_window_of_a_group_where_every_trial_diverged_has_no_best_and_no_good_range():
+    w = window([_trial("full", lr, "diverged", 3.0) for lr in (1e-4, 1e-3)])
+    assert w.best is None and w.well == [] and (w.unstable, w.unstable_how) == (1e-4, "diverged")
 
 
 def test_best_lr_ignores_diverged_and_pruned_trials_even_with_lower_loss():
@@ -128,18 +145,29 @@ def _finding(records, method: str) -> str:
                 and "too low" not in f)
 
 
-def test_finding_names_the_lowest_diverged_lr_and_the_share_above_it():
+def test_findings_say_each_batch_sizes_window_and_pool_no_edge_across_batch_sizes():
     records = [_trial("full", 1e-4, "converged", 1.0), _trial("full", 1e-3, "diverged", 3.0, bs=8),
-               _trial("full", 1e-3, "converged", 1.1, bs=16), _trial("full", 1e-2, "diverged", 3.0)]
-    assert "diverged at lr >= 1e-3 (2/3 trials)" in _finding(records, "full")
+               _trial("full", 1e-2, "diverged", 3.0), _trial("full", 1e-4, "converged", 1.1, bs=16),
+               _trial("full", 1e-3, "converged", 1.05, bs=16), _trial("full", 1e-2, "diverged", 3.0, bs=16)]
+    findings = diagnose(records)
+    method = _finding(records, "full")
+    assert "diverged at lr >=" not in method and "stable" not in " ".join(findings)
+    assert method.endswith("6 trial(s): 3 converged, 3 diverged"), "where, per batch size: the lines below"
+    assert ("full, batch 8: learns well at 1e-4 (converged within 5% of its best held-out loss, 1.000); instability "
+            "starts at 1e-3 (diverged); diverges between 1e-4 and 1e-3 (10x)") in " ".join(findings)
+    assert ("full, batch 16: learns well at 1e-4 to 1e-3 (converged within 5% of its best held-out loss, 1.050); "
+            "instability starts at 1e-2 (diverged); diverges between 1e-3 and 1e-2 (10x)") in " ".join(findings)
 
 
-def test_finding_gives_window_best_lr_and_sensitivity():
+def test_finding_gives_best_lr_and_sensitivity_and_the_groups_window():
+    findings = diagnose(_window_trials())
     text = _finding(_window_trials(), "full")
-    assert "stable window 3e-5 to 1e-3" in text
-    assert "best lr 1e-4 (eval loss 1.000, l0 3.000)" in text
-    assert "oscillating at 1e-3" in text
+    assert "best lr 1e-4 (eval loss 1.000, l0 3.000, converged)" in text
     assert f"LR sensitivity {lr_sensitivity(_window_trials(), 'full'):.2f}" in text
+    assert "7 trial(s): 3 converged, 1 slow, 1 oscillating, 2 diverged" in text
+    assert any(f.startswith("full, batch 8: learns well at 3e-5 to 1e-4 (converged within 5% of its best held-out loss, "
+                            "1.000); instability starts at 1e-3 (oscillating); diverges between 1e-3 and 3e-3 (3x); "
+                            "best lr 1e-4 (optimum in 5.5e-5 .. 1.7e-4, within 1.8x) [7 LRs]") for f in findings), findings
 
 
 def test_finding_says_when_every_trial_of_a_method_diverged():
@@ -218,17 +246,60 @@ def test_no_overfit_finding_without_an_overfit_trial():
 
 
 def test_the_edge_at_each_batch_size_and_how_it_moved_against_the_scaling_rules():
-    records = [_trial("full", 1e-4, "converged", 1.0, bs=4), _trial("full", 1e-3, "diverged", 3.0, bs=4),
+    records = [_trial("full", 1e-5, "converged", 1.2, bs=4), _trial("full", 1e-4, "converged", 1.0, bs=4),
+               _trial("full", 1e-3, "diverged", 3.0, bs=4),
                _trial("full", 1e-4, "converged", 1.1, bs=16), _trial("full", 1e-3, "converged", 1.0, bs=16),
                _trial("full", 1e-2, "diverged", 3.0, bs=16)]
     findings = diagnose(records)
-    assert "full, batch 4: diverges between 1e-4 and 1e-3 (10x); best lr 1e-4 (the lowest LR tried: the optimum may " \
-           "lie beyond it) [2 LRs]" in findings
-    assert any(f.startswith("full, batch 16: diverges between 1e-3 and 1e-2 (10x); best lr 1e-3 (optimum in 3.2e-4 .. "
-                            "3.2e-3, within 3.2x)") for f in findings)
+    assert ("full, batch 4: learns well at 1e-4 (converged within 5% of its best held-out loss, 1.000); instability "
+            "starts at 1e-3 (diverged); diverges between 1e-4 and 1e-3 (10x); best lr 1e-4 (optimum in 3.2e-5 .. 3.2e-4, "
+            "within 3.2x) [3 LRs]") in findings
+    assert any(f.startswith("full, batch 16: learns well at 1e-3 (") and "diverges between 1e-3 and 1e-2 (10x); best lr "
+               "1e-3 (the highest LR tried" not in f for f in findings)
     # edge 3.2e-4 at batch 4, 3.2e-3 at batch 16: 10x, anywhere from 1x to 100x given the intervals
     assert ("full: from batch 4 to 16 the divergence edge moved 10x (1x .. 100x); predicted: linear 4x fits, "
             "square-root 2x fits, no change 1x fits") in findings
+    fewer = diagnose(records[1:])  # batch 4 with 2 LRs: no window, no edge, no batch-size rule
+    assert not any(f.startswith("full, batch 4:") for f in fewer)
+    assert ("too few learning rates to place a window or an edge (fewer than 3 in the group): full, batch 4 (2)"
+            in fewer)
+    assert ("full: how the divergence edge moves from batch 4 to 16 is not stated, batch 4 has 2 LR(s), fewer than 3"
+            in fewer)
+
+
+def _lora_and_full(lora: list[tuple[float, str, float]], full: list[tuple[float, str, float]]) -> list[TrialRecord]:
+    return ([_trial("lora", lr, o, loss) for lr, o, loss in lora] + [_trial("full", lr, o, loss) for lr, o, loss in full])
+
+
+def test_lora_against_full_is_stated_between_converged_optima_with_three_lrs_each():
+    records = _lora_and_full([(1e-4, "slow", 2.5), (1e-3, "converged", 1.2), (1e-2, "diverged", 3.0)],
+                             [(1e-5, "slow", 2.4), (1e-4, "converged", 1.0), (1e-3, "oscillating", 1.6)])
+    assert ("LoRA's best LR is 10x full fine-tuning's at batch 8 (1e-3 against 1e-4, both converged; the optima's "
+            "brackets allow 1x .. 100x; the rule of thumb says about 10x)") in diagnose(records)
+
+
+@pytest.mark.parametrize("lora, full, why", [
+    # the issue's "505x" from a sweep where nothing learned: the best trials were slow
+    ([(1e-4, "slow", 2.9), (1e-3, "slow", 2.85), (1e-2, "slow", 2.8)],
+     [(1e-5, "slow", 2.95), (1e-4, "slow", 2.9), (1e-3, "slow", 2.92)],
+     "no lora trial converged at its best (its best trial (lr 1e-2) was slow)"),
+    # the issue's "1x, brackets open-ended" from one LR per method
+    ([(1e-3, "converged", 1.0)], [(1e-3, "converged", 1.1)], "lora has 1 LR(s), fewer than 3"),
+    ([(1e-4, "slow", 2.5), (1e-3, "converged", 1.2), (1e-2, "diverged", 3.0)],
+     [(1e-5, "slow", 2.4), (1e-4, "converged", 1.3), (1e-3, "converged", 1.0)],
+     "full's best LR is at an end of its range (the optimum may lie beyond it)"),
+])
+def test_lora_against_full_says_why_it_is_not_stated(lora, full, why):
+    found = [f for f in diagnose(_lora_and_full(lora, full)) if f.startswith("LoRA's best LR")]
+    assert found == [f"LoRA's best LR against full fine-tuning's at batch 8: not stated, {why}"]
+
+
+def test_a_small_held_out_set_is_said_first():
+    few = [_trial("full", 1e-4, "converged", 1.0, eval_records=1)]
+    assert diagnose(few)[0] == ("warning: the held-out set has 1 record(s), fewer than 8: every held-out loss, overfit "
+                                "verdict and best trial below rests on them; give more held-out records (data.eval, or a "
+                                "larger data.eval_fraction)")
+    assert not any("held-out set has" in f for f in diagnose([_trial("full", 1e-4, "converged", 1.0, eval_records=8)]))
 
 
 def test_forgetting_is_reported_at_each_methods_best_lr():
@@ -254,6 +325,15 @@ def _diverged(method: str, lr: float, bs: int) -> TrialRecord:
     final = {"l0": L0, "status": "diverged", "reason": "non-finite loss (nan) at step 5", "done": True, "eval_loss": L0}
     return TrialRecord(trial_id=f"t{next(_ids)}", config=_config(method, lr, bs),
                        history=_history([3.0, 3.5, 5.0, 9.0], bs), final=final)
+
+
+def _oscillating(method: str, lr: float, bs: int, final_eval: float) -> TrialRecord:
+    """Learns like ``_converged``, then its training loss bounces (its held-out loss can still be good)."""
+    record = _converged(method, lr, bs, final_eval)
+    losses = [final_eval + (L0 - final_eval) * math.exp(-i / 3) for i in range(12)]
+    losses += [final_eval * x for x in (1.0, 3.0, 1.0, 3.2, 1.0, 3.1)]
+    record.history = _history(losses, bs, evals={3: losses[3], 17: final_eval})
+    return record
 
 
 def _failed(method: str, lr: float, bs: int) -> TrialRecord:
@@ -319,6 +399,42 @@ def all_failed(tmp_path_factory):
     return (folder, *_report_in_process(folder))
 
 
+def test_constructed_curves_classified_as_the_report_does_put_no_unstable_trial_in_a_range_called_good(tmp_path):
+    """Curves, not given outcomes: classified on load. Oscillating trials with held-out losses as good as the best sit
+    inside and beside the converged ones; no range the findings or the map call good holds one, at either batch size."""
+    from sweeps.analysis import groups
+
+    records = []
+    for bs in (4, 8):
+        records += [_converged("full", 1e-4, bs, 1.3), _converged("full", 3e-4, bs, 1.0),
+                    _oscillating("full", 1e-3, bs, 1.01), _converged("full", 3e-3, bs, 1.02),
+                    _oscillating("full", 1e-2, bs, 1.5), _diverged("full", 3e-2, bs)]
+    folder = _sweep(tmp_path, "mixed", records)
+    code, output, drawn = _report_in_process(folder)
+    assert code == 0
+    from sweeps.collect import load_folder
+
+    loaded, _ = load_folder(folder)
+    assert sorted({r.outcome for r in loaded}) == ["converged", "diverged", "oscillating"]
+    for key, trials in groups(loaded).items():
+        w = window(trials)
+        unstable = [r.learning_rate for r in trials if r.outcome in ("oscillating", "diverged")]
+        assert w.well and w.unstable == 1e-3, key
+        for lo, hi in w.well:
+            assert not [lr for lr in unstable if lo <= lr <= hi], (key, w.well, unstable)
+    lines = [ln for ln in output.splitlines() if ln.startswith("- full, batch")]
+    assert len(lines) == 2
+    for line in lines:
+        assert "learns well at 3e-4, 3e-3 (" in line and "instability starts at 1e-3 (oscillating, though 3e-3 above it" in line
+    map_ax = _panels(drawn["map.png"])["full"]
+    green = [seg for c in map_ax.collections if isinstance(c, matplotlib.collections.LineCollection)
+             and matplotlib.colors.to_hex(c.get_color()[0]) == "#2a9d3f" for seg in c.get_segments()]
+    assert len(green) == 4, "two single-LR runs per batch size"
+    for seg in green:
+        (lo, _), (hi, _) = seg
+        assert not any(lo <= lr <= hi for lr in (1e-3, 1e-2, 3e-2)), seg
+
+
 SWEEPS = ["all_diverged", "one_batch_size", "with_failures", "all_failed"]
 
 
@@ -355,8 +471,8 @@ def test_report_says_the_method_that_always_diverged_did(all_diverged):
 
 def test_report_with_one_batch_size_makes_no_batch_size_claim(one_batch_size):
     _, _, output, _ = one_batch_size
-    assert "full: diverged at lr >= 1e-3 (1/1 trials)" in output
-    assert "batch size" not in output
+    assert "full, batch 8: learns well at 1e-4 (" in output and "diverges between 1e-4 and 1e-3 (10x)" in output
+    assert "from batch" not in output and "batch size" not in output
 
 
 def _panels(figure) -> dict[str, object]:
@@ -382,7 +498,7 @@ def test_report_map_draws_each_trial_at_its_lr_in_its_outcomes_colour_with_its_l
     for method, trials in ONE_BS.items():
         assert _squares(panels[method]) == [(lr, outcome) for lr, outcome, _ in trials], method
         assert [t.get_text() for t in panels[method].texts] == [f"{loss:.2f}" for *_, loss in trials], method
-    assert panels["full"].get_title() == "full\nstable 1e-4 .. 1e-4"
+    assert panels["full"].get_title() == "full"
 
 
 def test_report_method_panel_draws_final_loss_against_lr_and_marks_the_best(one_batch_size):

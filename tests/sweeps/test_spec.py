@@ -78,11 +78,12 @@ BAD_SPECS = [
     ("bad override", GOOD, "search.n_trials: Input should be greater than or equal to 1"),
     ("negative stall_s", GOOD + "failure: {stall_s: -60}\n", "failure.stall_s: Input should be greater than 0"),
     ("negative time budget", GOOD, "search.time_budget_s: Input should be greater than 0 (got -5)"),
-    ("multi-objective, rule not named", GOOD.replace("{algorithm: grid}", f"{{algorithm: grid, {TWO}}}"),
+    ("multi-objective, rule not named", GOOD.replace("{algorithm: grid}", f"{{algorithm: tpe, {TWO}}}"),
      "the default rule (median) would prune on the primary metric eval_loss alone"),
     ("multi-objective hyperband",
      GOOD.replace("{algorithm: grid}", f"{{algorithm: grid, {TWO}}}") + "pruning: {rule: hyperband}\n",
      "pruning.rule: hyperband cannot prune a multi-objective search"),
+    ("a grid's map left to timing", GOOD + "pruning: {rule: median}\n", "pruning.rule: median on a grid compares"),
     ("a mode per metric", GOOD.replace("{algorithm: grid}", "{algorithm: grid, metric: [eval_loss, forgetting], mode: [min]}"),
      "mode: one per metric (2), but got ['min']"),
     ("forgetting never measured", GOOD.replace("{algorithm: grid}", f"{{algorithm: grid, {TWO}}}")

@@ -140,3 +140,20 @@ def test_eval_data_and_eval_fraction_together_are_refused():
 
     with pytest.raises(ValidationError, match="not both"):
         TrainConfig(train_data="x.jsonl", eval_data="y.jsonl", eval_fraction=0.2)
+
+
+def test_the_long_prompt_facts_hide_the_same_answers_behind_a_passage_that_never_states_them(tokenizer):
+    from trainer.config import TrainConfig
+    from trainer.facts import facts, long_facts
+
+    short, long = facts(16), long_facts(16)
+    assert [r["completion"] for r in long] == [r["completion"] for r in short]
+    for s, r in zip(short, long):
+        assert r["prompt"].endswith(s["prompt"]) and r["completion"].strip(" .") not in r["prompt"]
+    prompt, completion = (sum(len(tokenizer(r[k])["input_ids"]) for r in long) for k in ("prompt", "completion"))
+    assert prompt >= 12 * completion, (prompt, completion)  # the prompt decides the loss when it is weighted
+    held = long_facts(16, heldout=True)
+    assert [r["completion"] for r in held] == [r["completion"] for r in short]
+    assert not {r["prompt"] for r in held} & {r["prompt"] for r in long}, "other passages, paraphrased questions"
+    assert TrainConfig(train_data="builtin:facts-long:8").eval_data == "builtin:facts-long-heldout"
+    assert len(load_records("builtin:facts-long-heldout:8")) == 8

@@ -355,3 +355,21 @@ def test_exact_match_does_not_require_the_chat_templates_newline_after_eos():
     target = torch.ones_like(labels, dtype=torch.bool)
     correct = torch.tensor([[True, True, False, False], [True, False, True, True]])
     assert _exact_rows(correct, target, labels, eos).tolist() == [True, False]
+
+
+def test_exact_match_every_logs_the_memorization_curve_with_its_forgetting(tiny_model_dir):
+    """One example, 6 steps at batch 1: a train exact-match (and forgetting) point every 2 examples, like the losses."""
+    reports = []
+    cfg = TrainConfig(model="tiny", method="full", train_data="builtin:facts:1", eval_data="builtin:facts-heldout:1",
+                      learning_rate=3e-3, batch_size=1, epochs=6, scheduler="constant", warmup_ratio=0, seq_len=32,
+                      report_every=1, eval_every=None, exact_match_every=2, weight_change=False, forgetting=True)
+    result = train(cfg, report=lambda m, checkpoint=None: reports.append(m))
+    assert result.status == "completed", result.reason
+    points = {m["examples_seen"]: m for m in reports if "train_exact_match" in m}
+    assert sorted(points) == [2, 4, 6]
+    assert all(m["train_exact_match"] in (0.0, 1.0) and math.isfinite(m["forgetting"]) for m in points.values())
+    assert points[6]["forgetting"] == pytest.approx(result.metrics["forgetting"])  # the final point is the end's
+    assert {m["eval_records"] for m in reports} == {1} and {m["train_records"] for m in reports} == {1}
+    assert [h["examples_seen"] for h in result.history if "train_exact_match" in h] == [2, 4, 6]
+    with pytest.raises(ValueError, match="exact_match_every"):
+        TrainConfig(report_every=4, exact_match_every=6)
