@@ -104,6 +104,11 @@ class Estimate:
         return self.held + max(n for _, n in self.phases)
 
     @property
+    def train_bytes(self) -> int:
+        """The peak without the evaluation passes: what training itself needs."""
+        return self.held + max(n for name, n in self.phases if name != "eval")
+
+    @property
     def total_gib(self) -> float:
         return self.total_bytes / GIB
 
@@ -280,7 +285,7 @@ def estimate(cfg, device: str = "cuda") -> Estimate:
         optimizer = sum(2 * n * (1 + 4 / 256) if n >= 4096 else 8 * n for n in f.trainable_sizes)
     else:  # torch AdamW: exp_avg and exp_avg_sq, zeros_like(param): the trainable tensors' dtype
         optimizer = 2 * gradients
-    snapshot = 0 if cuda or not f.snapshots else gradients
+    snapshot = gradients if cfg.weight_change and f.snapshots and not cuda else 0  # trainer.loop._snapshot
 
     seq, tokens, H = cfg.seq_len, cfg.batch_size * cfg.seq_len, f.hidden
     block = functools.partial(_block_saved, f, cfg, e=e, adapter_in=adapter_in, seq=seq)

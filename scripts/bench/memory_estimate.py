@@ -45,8 +45,11 @@ if __name__ == "__main__" and __package__ in (None, ""):
 MIB = 1024**2
 HEADER = ("| model | method | dtype | checkpointing | batch x seq | estimate MiB | measured MiB | ratio "
           "| estimated peak | measured peak at |")
-# (batch, seq_len, optimizer steps) per model: batch 4-8 and seq_len 48-128, a few steps
-SHAPES = {"tiny": (8, 64, 3), "smollm2-135m": (4, 128, 3)}
+# (batch, seq_len) per model: batch 4-8 and seq_len 48-128. With a batch of 8 or less, the tiny model's peak is an
+# evaluation batch's (16 sequences' logits); --quick adds rows at batch 16, where its training step sets the peak.
+SHAPES = {"tiny": (8, 64), "smollm2-135m": (4, 128)}
+TRAINING_PEAK_BATCH = 16
+STEPS = 3
 WORDS = ("river stone lantern copper meadow violin harbor cedar orbit marble thunder basil quartz falcon "
          "ember willow canyon saffron glacier cobalt").split()
 
@@ -68,13 +71,14 @@ def write_data(folder: Path, n: int = 16) -> tuple[str, str]:
     return paths[0], paths[1]
 
 
-def row_config(model: str, method: str, dtype: str, checkpointing: bool, train: str, eval_: str):
+def row_config(model: str, method: str, dtype: str, checkpointing: bool, batch: int | None, train: str, eval_: str):
     from trainer.config import TrainConfig
 
-    batch, seq_len, steps = SHAPES.get(model, (4, 128, 3))
+    default_batch, seq_len = SHAPES.get(model, (4, 128))
+    batch = batch or default_batch
     return TrainConfig(
         model=model, method=method, dtype=dtype, gradient_checkpointing=checkpointing, device="cpu",
-        train_data=train, eval_data=eval_, seq_len=seq_len, batch_size=batch, max_steps=steps,
+        train_data=train, eval_data=eval_, seq_len=seq_len, batch_size=batch, max_steps=STEPS,
         report_every=batch, eval_every=None, learning_rate=1e-4, threads=2, save_model=False,
     )
 
@@ -127,8 +131,8 @@ def one(args) -> int:
     from trainer.quiet import quiet_libraries
 
     quiet_libraries()
-    model, method, dtype, ckpt = args.one
-    cfg = row_config(model, method, dtype, ckpt == "1", args.train, args.eval)
+    model, method, dtype, ckpt, batch = args.one
+    cfg = row_config(model, method, dtype, ckpt == "1", int(batch), args.train, args.eval)
     est = estimate(cfg, device="cpu")
     row = {"model": model, "method": method, "dtype": dtype, "checkpointing": ckpt == "1", "batch": cfg.batch_size,
            "seq_len": cfg.seq_len, "estimate_bytes": est.total_bytes, "estimate": est.describe(),
@@ -138,8 +142,9 @@ def one(args) -> int:
     return 0
 
 
-def run_row(args, model: str, method: str, dtype: str, ckpt: bool, train: str, eval_: str) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", model, method, dtype, str(int(ckpt)),
+def run_row(args, model: str, method: str, dtype: str, ckpt: bool, batch: int | None, train: str, eval_: str) -> dict:
+    batch = batch or SHAPES.get(model, (4, 128))[0]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", model, method, dtype, str(int(ckpt)), str(batch),
            "--train", train, "--eval", eval_]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[2]),
                                                                      os.environ.get("PYTHONPATH")) if p)}
@@ -183,7 +188,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="the tiny model only (float32): the CI check of the estimate")
     p.add_argument("--out", metavar="FILE", help="also write every row (estimate parts, measured peak) as JSON here")
     p.add_argument("--jobs", type=int, default=1, help="rows measured at once, each in its own process (--quick: 2)")
-    p.add_argument("--one", nargs=4, metavar=("MODEL", "METHOD", "DTYPE", "CKPT"), help=argparse.SUPPRESS)
+    p.add_argument("--one", nargs=5, metavar=("MODEL", "METHOD", "DTYPE", "CKPT", "BATCH"), help=argparse.SUPPRESS)
     p.add_argument("--train", help=argparse.SUPPRESS)
     p.add_argument("--eval", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -200,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     ckpts = [{"off": False, "on": True}[c] for c in args.checkpointing.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench-mem-") as tmp:
         train, eval_ = write_data(Path(tmp))
-        todo = [(model, method, dtype, ckpt) for model in args.models.split(",") for dtype in args.dtypes.split(",")
-                for method in args.methods.split(",") for ckpt in ckpts]
+        todo = [(model, method, dtype, ckpt, None) for model in args.models.split(",")
+                for dtype in args.dtypes.split(",") for method in args.methods.split(",") for ckpt in ckpts]
+        if args.quick:  # the training step's part of the estimate, checked where it sets the peak
+            todo += [("tiny", method, "float32", False, TRAINING_PEAK_BATCH) for method in ("full", "lora")]
         with ThreadPoolExecutor(args.jobs) as pool:  # rows in separate processes: side by side measures the same
             rows = list(pool.map(lambda row: run_row(args, *row, train, eval_), todo))
     print(f"command: python scripts/bench/memory_estimate.py {shlex.join(argv)}".rstrip())
