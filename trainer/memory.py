@@ -1,8 +1,14 @@
 """Memory: the measured peak of a run, and (``estimate``) what a run will need before it starts.
 
-The peak is the CUDA caching allocator's peak of allocated tensor memory on a GPU (``max_memory_allocated``, what a
-memory cap limits), and the process's peak resident set (``VmHWM``, reset at the start of each run) on a CPU,
-which includes the Python runtime and its libraries.
+``estimate(cfg)`` predicts the peak of ``torch.cuda.max_memory_allocated`` over a whole ``train(cfg)`` (load,
+training steps, evaluations, the weight-change table), from the model's config alone: the parameters are counted
+on a model built on the meta device and prepared by the method, the rest from the config's dimensions (see the
+notes above ``Estimate``). ``estimate(cfg, device="cpu")`` predicts a CPU run's peak of live tensor bytes;
+``scripts/bench/memory_estimate.py`` measures that on real runs and prints both.
+
+The measured peak (``peak_gib``, in every report) is the CUDA caching allocator's peak of allocated tensor memory
+on a GPU (``max_memory_allocated``, what a memory cap limits), and the process's peak resident set (``VmHWM``, reset
+at the start of each run) on a CPU, which includes the Python runtime and its libraries.
 """
 from __future__ import annotations
 
@@ -65,7 +71,10 @@ def peak_gib(device: torch.device) -> float | None:
 # bytes per element: 2 in bfloat16, 4 in float32.
 
 _EVAL_BATCH = 16  # trainer.loop._EVAL_BATCH: evaluate() runs batches of 16 under no_grad
-_CUBLAS_WORKSPACE = 32 * 1024**2  # cuBLAS's workspace, taken from the caching allocator at the first matmul (Hopper)
+# cuBLAS workspaces, taken from the caching allocator (so counted by max_memory_allocated) at the first matmul of each
+# cuBLAS handle and stream: one for the forward (the main thread's handle), one for the backward (autograd's device
+# thread has its own); 32 MiB each on Hopper (torch's default :4096:8), about 8 MiB on older GPUs. Not measured here.
+_CUBLAS_WORKSPACE = 2 * 32 * 1024**2
 _ATTN_IN, _ATTN_OUT, _MLP_IN, _MLP_OUT = ("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)
 
 
@@ -168,15 +177,15 @@ def _dims(config) -> dict[str, int]:
 
 
 @functools.lru_cache(maxsize=64)
-def _facts(model: str, method: str, trust_remote_code: bool, lora: tuple, last_layers: int) -> _Facts:
+def _facts(model: str, method: str, trust_remote_code: bool, settings: tuple[tuple[str, object], ...]) -> _Facts:
     """Build the model from its config on the meta device (no weights are read) and prepare it with the method."""
     import re
     import warnings
-    from types import SimpleNamespace
 
     from torch import nn
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from trainer.config import TrainConfig
     from trainer.methods import get_method
     from trainer.models import resolve_model_dir
 
@@ -186,13 +195,12 @@ def _facts(model: str, method: str, trust_remote_code: bool, lora: tuple, last_l
         net = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     head, embedding = net.get_output_embeddings(), net.get_input_embeddings()
     quantizable = [m.weight.numel() for m in net.modules() if isinstance(m, nn.Linear) and m is not head]
-    r, alpha, dropout, targets = lora
-    settings = SimpleNamespace(lora_r=r, lora_alpha=alpha, lora_dropout=dropout, last_layers=last_layers,
-                               lora_target_modules=list(targets) if isinstance(targets, tuple) else targets)
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in settings}
+    cfg = TrainConfig(model=model, method=method, trust_remote_code=trust_remote_code, **values)
     prepared = get_method(method)
     with warnings.catch_warnings():  # peft asks a deprecated transformers property
         warnings.simplefilter("ignore", FutureWarning)
-        net = prepared.prepare(net, settings)
+        net = prepared.prepare(net, cfg)
     params = list(net.named_parameters())
     block = re.compile(r"\.layers\.(\d+)\.")
     own = [(n, p) for n, p in params if "lora_" not in n]
@@ -222,18 +230,19 @@ def _facts(model: str, method: str, trust_remote_code: bool, lora: tuple, last_l
         head_trains=trains(head),
         final_norm_trains=trains(final_norm),
         adapted=tuple(sorted(adapted)),
-        lora_r=r,
+        lora_r=cfg.lora_r if adapted else 0,
         snapshots=prepared.base_state is None,
     )
 
 
 def facts_for(cfg) -> _Facts:
-    """The model facts of a TrainConfig (cached per model, method and its settings: cheap to call per trial)."""
-    targets = cfg.lora_target_modules
-    targets = tuple(targets) if isinstance(targets, list) else targets
-    lora = (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets) if cfg.method == "lora" else (0, 0, 0, "")
-    return _facts(cfg.model, cfg.method, cfg.trust_remote_code, lora,
-                  cfg.last_layers if cfg.method == "last_layer" else 0)
+    """The model facts of a TrainConfig, cached per model, method and the method's own settings (``Method.settings``):
+    a sweep's trials that differ in anything else share one meta-device build."""
+    from trainer.methods import get_method
+
+    settings = tuple((name, tuple(v) if isinstance(v := getattr(cfg, name), list) else v)
+                     for name in get_method(cfg.method).settings)
+    return _facts(cfg.model, cfg.method, cfg.trust_remote_code, settings)
 
 
 def _block_saved(f: _Facts, cfg, *, weights_train: bool, input_grad: bool, e: int, adapter_in: int, seq: int) -> int:
