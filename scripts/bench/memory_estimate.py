@@ -1,7 +1,7 @@
 """Memory estimate vs measured peak: ``trainer.memory.estimate(cfg)`` against the real peak of ``train(cfg)``.
 
     python scripts/bench/memory_estimate.py             # tiny and SmolLM2-135M, full/lora/last_layer, checkpointing off/on
-    python scripts/bench/memory_estimate.py --quick     # the tiny model only (a few seconds a row): the CI check
+    python scripts/bench/memory_estimate.py --quick     # the tiny model only, 8 runs 2 at a time: the CI check
     python scripts/bench/memory_estimate.py --models smollm2-135m --methods lora --dtypes float32,bfloat16 --out mem.json
 
 Each row is one whole run of ``trainer.loop.train(cfg)`` (load, base evaluation, a few optimizer steps, the final
@@ -21,6 +21,11 @@ allocator (on a GPU they are copied into allocator memory by ``model.to``). Thos
 parameter and buffer storages whose address no allocation event returned) are added to the peak: they are live
 from the load to the end. A tensor the allocator handed out before profiling and the run frees would not be
 subtracted; a fresh process per row leaves none.
+
+What a CPU run cannot check: the CUDA-only parts of the estimate (the cuBLAS workspaces, autocast's bf16 copies
+where a CPU keeps peft's float32 ones, bitsandbytes' CUDA 4-bit kernels). With this trainer's evaluation batch of 16
+sequences, an evaluation pass (16 x seq x vocab float32 logits and their log-softmax) sets the peak of many small-model
+rows; the rows whose peak is the training step's show it in the "estimated peak" column.
 
 The data: generated prompt/completion records, half of them longer than ``seq_len`` (truncated) and half shorter,
 so that every batch is padded to ``seq_len`` (the length the estimate assumes, an upper bound) and carries an
