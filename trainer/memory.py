@@ -304,7 +304,7 @@ def estimate(cfg, device: str = "cuda") -> Estimate:
                + (e * H if f.head_trains else 0))  # token ids, the final norm's float32 input (and output)
     # A block's backward: gradients of its MLP activations (and of an adapter's float32 input copy and its cast)
     transient = (2 * e + (adapter_in if "down_proj" in f.adapted else 0)) * f.intermediate + e * H
-    dequant = 2 * f.largest_quantizable if cfg.quantization == "4bit" else 0  # a 4-bit weight dequantized for a matmul
+    dequant = p * f.largest_quantizable if cfg.quantization == "4bit" else 0  # a 4-bit weight dequantized for a matmul
     head_grad = f.vocab * H * t if f.head_trains else 0  # held from the head's backward to the end
     logits = 3 * tokens * f.vocab * 4  # float32 log-softmax (saved), its gradient, the logits' gradient
     accumulated = gradients if cfg.grad_accum > 1 else 0  # the earlier micro-batches' gradients
