@@ -95,18 +95,20 @@ def test_llama_3_1_8b_on_one_gpu(llama8b):
     """Llama-3.1-8B's sizes on one 80 GB GPU, batch 1 x 2048.
 
     torchtune's single-device recipes report (their memory table for Llama 3.1 8B) about 16 GiB for LoRA, 7.4 GiB
-    for QLoRA and 18.9 GiB for full fine-tuning. Ours are larger, for reasons in the trainer, not the arithmetic:
-    - logits: torchtune computes the loss in chunks (chunked cross-entropy), never the whole float32
-      batch x seq x vocab logits and their log-softmax; here the training step holds 3 x 2048 x 128256 x 4 bytes
-      = 2.9 GiB of them, and an evaluation batch of 16 sequences 16 x 2048 x 128256 x 8 bytes = 31 GiB (so the
-      whole run's peak is its evaluation's; ``train_bytes`` is the peak without it);
-    - full: torchtune runs the optimizer in the backward pass (no gradients held) with a paged 8-bit AdamW (2
-      bytes/param, paged to host memory); here torch AdamW keeps two states in the weights' dtype and all the
-      gradients live until the step: 16 + 16 + 32 GB in bf16;
-    - QLoRA: torchtune also offloads activations; the 4-bit base is about the same (NF4, about 0.52 byte a
-      weight for the linears; embeddings and head stay bf16: 2 x 128256 x 4096 x 2 bytes = 2.1 GB);
+    for QLoRA and 18.9 GiB for full fine-tuning. Ours are larger, for reasons in the trainer, not the arithmetic
+    (torchtune's recipes/configs/llama3_1/8B_{full,lora,qlora}_single_device.yaml):
+    - logits: torchtune computes the loss in chunks (CEWithChunkedOutputLoss, LinearCrossEntropyLoss), never the
+      whole float32 batch x seq x vocab logits and their log-softmax; here the training step holds
+      3 x 2048 x 128256 x 4 bytes = 2.9 GiB of them, and an evaluation batch of 16 sequences
+      16 x 2048 x 128256 x 8 bytes = 31 GiB (so the whole run's peak is its evaluation's; ``train_bytes`` is the
+      peak without it); torchtune's recipes evaluate nothing during the run and train on Alpaca's short records;
+    - full: torchtune runs the optimizer in the backward pass (optimizer_in_bwd: no gradients held) with
+      bitsandbytes' PagedAdamW8bit (2 bytes a parameter, pageable to the host); here torch AdamW keeps two states
+      in the weights' dtype and all the gradients live until the step: 16 + 16 + 32 GB in bf16;
+    - QLoRA: the 4-bit base is about the same (NF4, about 0.52 byte a weight for the linears; embeddings and head
+      stay bf16: 2 x 128256 x 4096 x 2 bytes = 2.1 GB);
     - the weight-change table at the end makes float32 copies of one tensor at a time: 12 bytes x 525 M for the
-      embedding matrix, about 6 GiB, on top of the held parts.
+      embedding matrix, about 6 GiB, on top of the held parts (LoRA too, though the embedding never changes).
     """
     def est(**kw):
         return estimate(TrainConfig(model=llama8b, batch_size=1, seq_len=2048, gradient_checkpointing=True, **kw))
