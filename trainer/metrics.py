@@ -159,11 +159,15 @@ def weight_change(before: dict, after: dict, blocks: str | None = None) -> list[
     for name, value in before.items():
         if name not in after:
             continue
+        match = pattern.match(name) if pattern else None
+        if _same_tensor(after[name], value):  # a frozen weight read in place (LoRA's base): unchanged, not copied
+            rows.append({"name": name, "block": int(match.group(1)) if match else None, "numel": value.numel(),
+                         "rel_change": 0.0})
+            continue
         w = materialize(after[name]).float()
         w0 = materialize(value).to(w.device).float()
         base = w0.norm().item()
         delta = (w - w0).norm().item()
-        match = pattern.match(name) if pattern else None
         rows.append(
             {
                 "name": name,
@@ -173,6 +177,11 @@ def weight_change(before: dict, after: dict, blocks: str | None = None) -> list[
             }
         )
     return rows
+
+
+def _same_tensor(a, b) -> bool:
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.data_ptr() == b.data_ptr()
+            and a.shape == b.shape and a.dtype == b.dtype)
 
 
 def block_prefix(model) -> str | None:
