@@ -179,15 +179,15 @@ def _spec(sweep_dir: Path):
 
 def slots_for(spec, cpus: int, gpus: int = 0) -> tuple[int, str, int]:
     """Trials Ray can run at once, how that was worked out (in words), and the CPU threads they use together."""
+    from sweeps.placement import Node, at_once, largest_trials, trial_resources
     from sweeps.space import n_trials
 
+    nodes = [Node(cpus, gpus, spec.resources.gpu_memory_gib)]
+    placer = trial_resources(spec, nodes)  # the product's own placement: resources: auto or fixed shares
     per_method = []
-    for method in spec.methods:
-        need = spec.resources.for_method(method)
-        fit = math.floor(cpus / need["cpu"]) if need["cpu"] else 10**6
-        if need["gpu"]:
-            fit = min(fit, math.floor(gpus / need["gpu"]))
-        per_method.append((fit, need["cpu"]))
+    for cfg in largest_trials(spec, placer).values():
+        share = placer.share(cfg)
+        per_method.append((at_once(share, nodes, None), share.cpu))
     fit, cpu = max(per_method)  # the cheapest method: the most trials at once, so the strictest denominator
     slots = min(fit, spec.search.max_concurrent or fit, n_trials(spec))
     how = f"{cpus} CPUs / {cpu:g} CPU per trial"
