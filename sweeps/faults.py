@@ -179,15 +179,22 @@ def store_lock(uri: str) -> Iterator[None]:
 
 
 @contextmanager
-def stopped_cleanly(resume: str) -> Iterator[None]:
+def stopped_cleanly(resume: str, folder: str | Path | None = None) -> Iterator[None]:
     """Turn a full disk, an unwritable store or the host out of memory, wherever it surfaces in a sweep, into
-    ``Incomplete``: one line that names what could not be written, and the command that continues the sweep."""
+    ``Incomplete``: one line that names what could not be written, and the command that continues the sweep.
+
+    SQLite's "database or disk is full" names no file: it is then the sweep ``folder``'s Optuna study or an MLflow
+    SQLite store, and the line says so."""
     try:
         yield
     except Incomplete:
         raise
     except Exception as exc:
         found = as_storage_problem(exc)
+        if found is not None and found.path is None and folder is not None:
+            what = ("a SQLite store: its Optuna study, or the MLflow store" if "database" in found.why
+                    else "a file of the sweep")
+            found = StorageProblem(found.why, folder, what)
         if found is not None:
             raise Incomplete(f"{found}; the sweep stopped there. Free space (or make it writable), then continue "
                              f"it with: {resume}") from None

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from sweeps.driver import run_sweep
     from sweeps.faults import stopped_cleanly
 
-    with stopped_cleanly(f"python sweeps/run.py {spec.source or args.spec} --resume"):
+    with stopped_cleanly(f"python sweeps/run.py {spec.source or args.spec} --resume", folder=spec.sweep_dir()):
         run_sweep(spec, resume=args.resume, address=args.address)
     return 0
 

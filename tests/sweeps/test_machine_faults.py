@@ -55,3 +55,18 @@ def test_a_worker_killed_by_rays_memory_monitor_is_one_reason(tmp_path):
         "Failure # 2 (occurred at 2026-12-06_07-10-40)\n"
         "torch.OutOfMemoryError: injected out-of-memory at step 2\n")
     assert error_lines(error) == [HOST_OOM, "torch.OutOfMemoryError: injected out-of-memory at step 2"]
+
+
+def test_sqlites_full_disk_names_the_sweep_folder_and_its_stores(tmp_path):
+    """SQLite says "database or disk is full" without a file (seen in CI: the MLflow store filled first)."""
+    import sqlite3
+
+    import pytest
+
+    from sweeps.faults import Incomplete, stopped_cleanly
+
+    with pytest.raises(Incomplete) as info, stopped_cleanly("python sweeps/run.py s.yaml --resume", folder=tmp_path):
+        raise sqlite3.OperationalError("database or disk is full")
+    line = str(info.value)
+    assert line.startswith("no space left on device (database or disk is full): could not write " + str(tmp_path))
+    assert "(a SQLite store: its Optuna study, or the MLflow store)" in line and line.endswith("s.yaml --resume")
