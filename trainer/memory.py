@@ -182,16 +182,14 @@ def _facts(model: str, method: str, trust_remote_code: bool, settings: tuple[tup
     import warnings
 
     from torch import nn
-    from transformers import AutoConfig, AutoModelForCausalLM
 
+    from trainer.architecture import decoder_blocks, final_norm, meta_model
     from trainer.config import TrainConfig
     from trainer.methods import get_method
     from trainer.models import resolve_model_dir
 
-    config = AutoConfig.from_pretrained(resolve_model_dir(model), trust_remote_code=trust_remote_code,
-                                        local_files_only=True)
-    with torch.device("meta"):
-        net = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    net = meta_model(resolve_model_dir(model), trust_remote_code=trust_remote_code)
+    config = net.config
     head, embedding = net.get_output_embeddings(), net.get_input_embeddings()
     quantizable = [m.weight.numel() for m in net.modules() if isinstance(m, nn.Linear) and m is not head]
     values = {k: list(v) if isinstance(v, tuple) else v for k, v in settings}
@@ -201,7 +199,7 @@ def _facts(model: str, method: str, trust_remote_code: bool, settings: tuple[tup
         warnings.simplefilter("ignore", FutureWarning)
         net = prepared.prepare(net, cfg)
     params = list(net.named_parameters())
-    block = re.compile(r"\.layers\.(\d+)\.")
+    block = re.compile(rf"(?:^|\.){re.escape(decoder_blocks(net)[0])}\.(\d+)\.")  # any family's blocks; peft's prefix
     own = [(n, p) for n, p in params if "lora_" not in n]
     trained_blocks = {m.group(1) for n, p in own if p.requires_grad and (m := block.search(n))}
     adapted, largest_adapted = set(), 0
@@ -210,8 +208,7 @@ def _facts(model: str, method: str, trust_remote_code: bool, settings: tuple[tup
             adapted.add(name.rsplit(".", 1)[-1])
             largest_adapted = max(largest_adapted, module.get_base_layer().weight.numel())
     trains = lambda module: module is not None and any(p.requires_grad for p in module.parameters())  # noqa: E731
-    final_norm = getattr(getattr(net.get_base_model() if hasattr(net, "get_base_model") else net, "model", None),
-                         "norm", None)
+    norm = final_norm(net)
     return _Facts(
         **_dims(config),
         tied=head is not None and head.weight is embedding.weight,
@@ -227,7 +224,7 @@ def _facts(model: str, method: str, trust_remote_code: bool, settings: tuple[tup
         block_weights_train=bool(trained_blocks),
         embedding_trains=trains(embedding),
         head_trains=trains(head),
-        final_norm_trains=trains(final_norm),
+        final_norm_trains=trains(norm[1] if norm else None),
         adapted=tuple(sorted(adapted)),
         lora_r=cfg.lora_r if adapted else 0,
         snapshots=prepared.base_state is None,
