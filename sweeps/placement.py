@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from itertools import product
 from typing import Any
 
-from sweeps.records import NOT_SETTINGS
-from sweeps.spec import SweepSpec
+from sweeps.spec import SweepSpec, trial_config
 from trainer.config import TrainConfig
 from trainer.errors import UserError
 
@@ -89,11 +88,6 @@ class TrialResources:
         from ray.tune import PlacementGroupFactory
 
         return PlacementGroupFactory([self.share(trial_config(self.base, config)).bundle()])
-
-
-def trial_config(base: TrainConfig, config: dict[str, Any]) -> TrainConfig:
-    """A trial's settings: the spec's typed base with the sampled values (not the search's bookkeeping) copied in."""
-    return base.model_copy(update={k: v for k, v in config.items() if k not in NOT_SETTINGS})
 
 
 def memory_cap(share: float, gpu_memory_gib: float) -> float:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sweeps.faults import HOST_OOM, atomic_write, is_host_oom
+from sweeps.spec import NOT_SETTINGS  # noqa: F401  (re-exported: the readers' import)
 from sweeps.watchdog import TrialStalled
 
 # --- metric names: the one list, and the named subsets its readers and writers use --------------------------
@@ -69,10 +70,6 @@ class Outcome(StrEnum):
 
 
 OUTCOMES = tuple(o.value for o in Outcome)
-# Keys of a trial's Ray config that are the search's bookkeeping, not trainer settings: the grid's cell
-# index, and the refinement round of a trial that sweeps.refine proposed.
-# ``restart_of``: the trial a resume started again under this one's id (Ray had not saved it before a hard kill).
-NOT_SETTINGS = ("cell", "refine", "restart_of")
 RESTARTED = "restarted.json"
 """In a trial folder: the trial was started again, from its beginning, as another trial (that file names it)."""
 # How each outcome is named in the map's legend, the HTML report and the README table.

@@ -26,6 +26,19 @@ from trainer.errors import UserError
 from trainer.methods import METHODS
 from trainer.yamlio import apply_overrides, read_yaml, validation_message
 
+# Keys of a trial's Ray config that are the search's bookkeeping, not trainer settings: the grid's cell
+# index, and the refinement round of a trial that sweeps.refine proposed.
+# ``restart_of``: the trial a resume started again under this one's id (Ray had not saved it before a hard kill).
+NOT_SETTINGS = ("cell", "refine", "restart_of")
+
+
+def trial_config(base: TrainConfig, sampled: dict[str, Any]) -> TrainConfig:
+    """A trial's settings: the spec's typed base with the sampled values (not the search's bookkeeping) copied in.
+
+    The one place sampled values become settings: the trial, the placement, the export, the records and the
+    benchmarks all call it."""
+    return base.model_copy(update={k: v for k, v in sampled.items() if k not in NOT_SETTINGS})
+
 _STRICT = ConfigDict(extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _RUN_CONTROL = {"search": {"time_budget_s"}, "failure": {"stall_s", "setup_s"}}  # not in the digest

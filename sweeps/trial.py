@@ -23,7 +23,8 @@ from ray import tune
 from ray.tune import Checkpoint
 
 from sweeps.faults import as_storage_problem
-from sweeps.placement import memory_cap, trial_config
+from sweeps.placement import memory_cap
+from sweeps.spec import trial_config
 from sweeps.watchdog import Watchdog
 from trainer.config import TrainConfig
 
