@@ -10,6 +10,7 @@ import math
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from sweeps.faults import atomic_write
@@ -48,8 +49,14 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
     logging.getLogger("alembic").setLevel(logging.WARNING)
     sweep_dir = spec.sweep_dir()
     resume = _check_resume(spec, sweep_dir, resume)
-    _preflight_data(spec)
-    _init_ray(spec, address)
+    import ray  # here, not in the preflight's thread: the two threads then import disjoint packages
+
+    with ThreadPoolExecutor(1) as pool:  # the data and model are read while Ray starts (its processes do the work)
+        checked = pool.submit(_preflight_data, spec)
+        try:
+            connected = _init_ray(spec, address)
+        finally:
+            checked.result()  # bad input: its UserError, whatever Ray did
     from sweeps.placement import ignored_gpus_warning, plan_lines, ray_nodes, trial_resources
 
     nodes = ray_nodes()
@@ -84,7 +91,10 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
 
     records = collect_records(sweep_dir)
     finished = len([r for r in records if r.final.get("done") or r.error or r.stopped_by])
-    left = finish_sweep(spec, sweep_dir, records, tracker, parent, wall_s=wall)
+    with ThreadPoolExecutor(1) as pool:  # the trials are over: Ray stops (about 1.5 s) while the report is drawn
+        if connected:  # a Ray this sweep started (or joined): stopped, or left (a cluster's keeps running)
+            pool.submit(ray.shutdown)
+        left = finish_sweep(spec, sweep_dir, records, tracker, parent, wall_s=wall)
     if spec.search.refine:  # the searcher ends a refining sweep: it is complete when it said so
         from sweeps.pruning import search_finished
 
@@ -153,7 +163,8 @@ def _preflight_data(spec: SweepSpec) -> None:
         raise UserError(f"{spec.source}: {exc}") from None
 
 
-def _init_ray(spec: SweepSpec, address: str | None) -> None:
+def _init_ray(spec: SweepSpec, address: str | None) -> bool:
+    """Start a local Ray instance, or join the cluster at ``address``; False when Ray was already up (a caller's)."""
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
@@ -164,7 +175,7 @@ def _init_ray(spec: SweepSpec, address: str | None) -> None:
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TUNE_FUNCTION_THREAD_TIMEOUT_S="30")
     common = dict(log_to_driver=False, logging_level=logging.ERROR, runtime_env={"env_vars": env})
     if ray.is_initialized():
-        return
+        return False
     if address:
         _check_reachable(address)
         try:
@@ -181,6 +192,7 @@ def _init_ray(spec: SweepSpec, address: str | None) -> None:
     else:
         # address="local": never reattach to a stale cluster recorded in Ray's temp folder (it hangs for minutes)
         ray.init(address="local", include_dashboard=False, **common)
+    return True
 
 
 def _check_reachable(address: str) -> None:
