@@ -19,10 +19,19 @@ from pathlib import Path
 
 from trainer.errors import UserError
 
+# ray is imported only where a Ray error is recognized: a sweep's folder is written and read without it
+
 HOST_OOM = "host out of memory (Ray's memory monitor)"
 """The reason of a trial whose worker Ray's memory monitor killed (the host ran short, not the trial's device)."""
 # Ray's memory monitor, in the error of the task or actor it killed (ray.exceptions.OutOfMemoryError)
 _HOST_OOM = re.compile(r"node running low on memory|NODE_OUT_OF_MEMORY|OutOfMemoryError: \d+ worker\(s\) were killed")
+
+
+
+class TrialStalled(Exception):
+    """The trainer sent no report for too long (the stall watchdog, ``sweeps.launch.watchdog``, raises it); the
+    message is the reason recorded for the trial, which ``sweeps.results.records`` reads back from error.txt."""
+
 
 _ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
            errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
@@ -210,7 +219,7 @@ def survive_memory_monitor() -> None:
     ``OutOfMemoryError``, which is neither the ``RayActorError`` nor the ``RayTaskError`` it expects, and that
     ends ``Tuner.fit`` with a traceback. The worker is dead (killed), so the error is handed on as the actor's
     death, as Ray itself does when the kill comes while the actor starts: Tune fails the trial (retried under
-    ``failure.max_retries``) with the monitor's message, which ``sweeps.records`` reads as ``HOST_OOM``."""
+    ``failure.max_retries``) with the monitor's message, which ``sweeps.results.records`` reads as ``HOST_OOM``."""
     from ray.air.execution._internal import actor_manager
     from ray.exceptions import OutOfMemoryError, RayActorError
 
@@ -255,4 +264,4 @@ class StorageLogFilter(logging.Filter):
 
 
 LOG_FILTER = StorageLogFilter()
-"""The driver's one filter: installed on the log handlers when a sweep starts, read by ``sweeps.folder``."""
+"""The driver's one filter: installed on the log handlers when a sweep starts, read by ``sweeps.launch.folder``."""

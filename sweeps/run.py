@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_libraries()
     if args.dry_run:
-        from sweeps.space import describe
+        from sweeps.launch.space import describe
         from trainer.config import eval_size_warning
         from trainer.data import run_records
 
@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         _print_plan(spec, args.address)
         print(f"sweep folder: {spec.sweep_dir()}")
         return 0
-    from sweeps.driver import run_sweep
     from sweeps.faults import stopped_cleanly
+    from sweeps.launch.sweep import run_sweep
 
     with stopped_cleanly(f"python sweeps/run.py {spec.source or args.spec} --resume", folder=spec.sweep_dir()):
         run_sweep(spec, resume=args.resume, address=args.address)
@@ -66,11 +66,11 @@ def _print_plan(spec, address: str | None) -> None:
     """The packing plan: on this machine (no Ray started), or on the cluster at --address / $RAY_ADDRESS."""
     import os
 
-    from sweeps.placement import ignored_gpus_warning, local_nodes, plan_lines, ray_nodes
+    from sweeps.launch.placement import ignored_gpus_warning, local_nodes, plan_lines, ray_nodes
 
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        from sweeps.driver import _init_ray
+        from sweeps.launch.sweep import _init_ray
 
         _init_ray(spec, address)
         nodes = ray_nodes()

@@ -6,7 +6,7 @@ Unknown keys are errors; every problem is reported at once, naming the file,
 the key path and the bad value (exit code 2 through the CLI). Relative data
 paths are resolved against the spec's folder. No raw dict travels further:
 trials get ``TrainConfig`` objects built from ``spec.train`` plus the sampled
-values (see ``sweeps.space``).
+values (see ``sweeps.launch.space``).
 """
 from __future__ import annotations
 
@@ -27,17 +27,23 @@ from trainer.methods import METHODS
 from trainer.yamlio import apply_overrides, read_yaml, validation_message
 
 # Keys of a trial's Ray config that are the search's bookkeeping, not trainer settings: the grid's cell
-# index, and the refinement round of a trial that sweeps.refine proposed.
+# index, and the refinement round of a trial that sweeps.launch.refine proposed.
 # ``restart_of``: the trial a resume started again under this one's id (Ray had not saved it before a hard kill).
 NOT_SETTINGS = ("cell", "refine", "restart_of")
+
+
+def sampled_settings(sampled: dict[str, Any]) -> dict[str, Any]:
+    """The trainer settings among a trial's sampled values: its Ray config (or params.json, or MLflow params)
+    without the search's bookkeeping (``NOT_SETTINGS``). The one filter: every reader of a trial's values uses it."""
+    return {k: v for k, v in sampled.items() if k not in NOT_SETTINGS}
 
 
 def trial_config(base: TrainConfig, sampled: dict[str, Any]) -> TrainConfig:
     """A trial's settings: the spec's typed base with the sampled values (not the search's bookkeeping) copied in.
 
-    The one place sampled values become settings: the trial, the placement, the export, the records and the
-    benchmarks all call it."""
-    return base.model_copy(update={k: v for k, v in sampled.items() if k not in NOT_SETTINGS})
+    The one place sampled values become settings: the trial, the placement and the benchmarks call it; a
+    finished sweep's readers, which validate what they read back, merge ``sampled_settings`` into the base."""
+    return base.model_copy(update=sampled_settings(sampled))
 
 _STRICT = ConfigDict(extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -137,7 +143,7 @@ Mode = Literal["min", "max"]
 
 
 class Refine(BaseModel):
-    """After the grid, bisect each group's divergence edge and narrow its best LR (``sweeps.edges``).
+    """After the grid, bisect each group's divergence edge and narrow its best LR (``sweeps.results.edges``).
 
     A group is the grid's trials that differ only in learning rate (a method at one batch size). Once a
     group's trials have all finished, the searcher proposes that group's next LRs, for ``rounds`` rounds."""
@@ -218,7 +224,7 @@ class Pruning(BaseModel):
 class Resources(BaseModel):
     """What each trial asks Ray for. ``resources: auto`` (the default) is ``{gpu: auto}``: on nodes without GPUs, one
     CPU per trial; on nodes with GPUs, a share of a GPU sized from the trial's memory estimate, so that as many trials
-    as fit run on each GPU, each capped to its share (``sweeps.placement``). A number is a fixed share per trial."""
+    as fit run on each GPU, each capped to its share (``sweeps.launch.placement``). A number is a fixed share per trial."""
 
     model_config = _STRICT
     cpu: float = Field(1, gt=0)

@@ -309,7 +309,7 @@ def _run_clean(args: list[str], env: dict) -> subprocess.Popen:
 
 
 def _store_race_worker(uri: str, name: str, folder: str, barrier, out) -> None:
-    from sweeps.tracking import Tracker
+    from sweeps.launch.tracking import Tracker
 
     tracker = Tracker(uri, name, Path(folder))
     barrier.wait()

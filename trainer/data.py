@@ -42,7 +42,7 @@ class Example:
     source: str
 
 
-def load_records(source: str) -> list[Record]:
+def read_examples(source: str) -> list[Record]:
     """Read and check every record of a JSONL file or built-in data set (UserError naming file:line)."""
     try:
         builtin = parse_builtin(source)
@@ -100,7 +100,7 @@ def split_records(
 ) -> tuple[list[Record], list[Record]]:
     """The train and eval records: a separate eval source, a held-out fraction, or (neither) the train set."""
     if eval_source:
-        return train, load_records(eval_source)
+        return train, read_examples(eval_source)
     if eval_fraction:
         order = list(range(len(train)))
         random.Random(seed).shuffle(order)
@@ -116,7 +116,7 @@ def split_records(
 
 def run_records(cfg) -> tuple[list[Record], list[Record]]:
     """The records a run (a ``TrainConfig``) trains and evaluates on: the split, then the ``max_examples`` cap."""
-    train, evaluate = split_records(load_records(cfg.train_data), cfg.eval_data, cfg.eval_fraction)
+    train, evaluate = split_records(read_examples(cfg.train_data), cfg.eval_data, cfg.eval_fraction)
     return (train[: cfg.max_examples] if cfg.max_examples else train), evaluate
 
 

@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
 def _check_data_early(cfg) -> None:
     """Read the data files before loading a model, so bad data fails in a second, not after a load."""
     from trainer.config import eval_size_warning
-    from trainer.data import load_records, split_records
+    from trainer.data import read_examples, split_records
 
-    _, held_out = split_records(load_records(cfg.train_data), cfg.eval_data, cfg.eval_fraction)
+    _, held_out = split_records(read_examples(cfg.train_data), cfg.eval_data, cfg.eval_fraction)
     print(f"{cfg.eval_plan()} ({len(held_out)} records)", flush=True)
     if eval_size_warning(len(held_out)):
         print(eval_size_warning(len(held_out)), flush=True)

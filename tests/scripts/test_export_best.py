@@ -24,7 +24,7 @@ def sweep(tmp_path_factory, tiny_model_dir):
 
 def test_export_writes_every_file_and_best_yaml_reproduces_the_trial(sweep, tmp_path):
     sweep_dir, env = sweep
-    proc = run_cli(["scripts/export_best.py", str(sweep_dir), "--out", str(tmp_path / "exp")], env=env)
+    proc = run_cli(["-m", "sweeps.cli", "export", str(sweep_dir), "--out", str(tmp_path / "exp")], env=env)
     assert proc.returncode == 0, proc.stderr
     exp = tmp_path / "exp"
     for name in ("best.yaml", "hf_training_args.json", "openai.json", "provenance.json"):
@@ -46,7 +46,7 @@ def test_export_of_one_method_loads_in_transformers_peft_and_openais_types(sweep
     from transformers import TrainingArguments
 
     sweep_dir, env = sweep
-    proc = run_cli(["scripts/export_best.py", str(sweep_dir), "--method", "lora", "--out", str(tmp_path)], env=env)
+    proc = run_cli(["-m", "sweeps.cli", "export", str(sweep_dir), "--method", "lora", "--out", str(tmp_path)], env=env)
     assert proc.returncode == 0, proc.stderr
     best = yaml.safe_load((tmp_path / "best.yaml").read_text())
     assert best["method"] == "lora"
@@ -61,7 +61,7 @@ def test_export_of_one_method_loads_in_transformers_peft_and_openais_types(sweep
 
 def test_a_method_without_a_completed_trial_exits_2(sweep, tmp_path):
     sweep_dir, env = sweep
-    proc = run_cli(["scripts/export_best.py", str(sweep_dir), "--method", "last_layer", "--out", str(tmp_path)], env=env)
+    proc = run_cli(["-m", "sweeps.cli", "export", str(sweep_dir), "--method", "last_layer", "--out", str(tmp_path)], env=env)
     assert proc.returncode == 2 and "no completed trial of method last_layer" in proc.stderr
     assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())
 
@@ -70,7 +70,7 @@ def test_no_secret_from_the_environment_reaches_mlflow_or_exports(sweep, tmp_pat
     from mlflow.tracking import MlflowClient
 
     sweep_dir, env = sweep
-    proc = run_cli(["scripts/export_best.py", str(sweep_dir), "--out", str(tmp_path)], env=env)
+    proc = run_cli(["-m", "sweeps.cli", "export", str(sweep_dir), "--out", str(tmp_path)], env=env)
     assert proc.returncode == 0, proc.stderr  # a failed export writes nothing, and an empty folder hides no secret
     exported = sorted(f.name for f in tmp_path.iterdir())
     assert {"best.yaml", "hf_training_args.json", "openai.json", "provenance.json"} <= set(exported), exported

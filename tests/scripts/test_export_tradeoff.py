@@ -13,7 +13,7 @@ import math
 
 import pytest
 
-from sweeps.records import save_records
+from sweeps.results.records import save_records
 from sweeps.spec import SweepSpec
 from tests.conftest import run_cli
 from tests.sweeps.test_report import _converged, _diverged
@@ -45,7 +45,7 @@ def sweep(tmp_path_factory):
 
 
 def _export(sweep, out, *args):
-    return run_cli(["scripts/export_best.py", str(sweep), "--out", str(out), *args], timeout=180)
+    return run_cli(["-m", "sweeps.cli", "export", str(sweep), "--out", str(out), *args], timeout=180)
 
 
 def test_max_forgetting_exports_the_lowest_loss_within_the_budget_and_records_the_rule(sweep, tmp_path):

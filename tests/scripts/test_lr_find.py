@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sweeps.lr_range import suggest
+from sweeps.results.lr_range import suggest
 from sweeps.spec import load_spec
 from tests.conftest import run_cli
 
@@ -33,7 +33,7 @@ def test_a_curve_that_never_diverges_proposes_ten_times_its_minimum():
 
 
 def test_the_upper_bound_is_a_decade_above_the_minimum_even_past_the_ramps_blow_up():
-    """The blow-up is reported, not used as a bound (scripts/lr_find.py says so): on lr.yaml, full's ramp passed
+    """The blow-up is reported, not used as a bound (sweeps/launch/lr_find.py says so): on lr.yaml, full's ramp passed
     4x its minimum at 5.6e-3 while the sweep's 2-epoch trials diverged only from 1e-2."""
     lrs = [10 ** (-6 + i / 12) for i in range(61)]
 
@@ -78,7 +78,7 @@ def test_a_noisy_start_a_valley_and_a_blow_up_give_two_decades_around_the_valley
     (["--best", "lora=1e-2", "--methods", "full"], "--best: expected method=LR pairs"),
 ])
 def test_bad_input_exits_2_with_one_message(args, message, capsys, tmp_path):
-    from scripts.lr_find import main
+    from sweeps.launch.lr_find import main
 
     assert main(["search_spaces/smoke.yaml", *args, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
@@ -88,7 +88,7 @@ def test_bad_input_exits_2_with_one_message(args, message, capsys, tmp_path):
 @pytest.mark.slow
 def test_range_test_on_the_tiny_model_stops_by_itself_and_writes_a_spec(tmp_path, tiny_model_dir):
     new_spec = tmp_path / "found.yaml"
-    proc = run_cli(["scripts/lr_find.py", "search_spaces/smoke.yaml", "--methods", "full", "--steps", "60",
+    proc = run_cli(["-m", "sweeps.cli", "lr-find", "search_spaces/smoke.yaml", "--methods", "full", "--steps", "60",
                     "--end", "100", "--best", "full=1e-2", "--out", str(tmp_path), "--write", str(new_spec)], timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (res,) = json.loads((tmp_path / "lr_find.json").read_text())

@@ -4,7 +4,7 @@ from __future__ import annotations
 import signal
 import time
 
-from sweeps.budget import TimeBudget
+from sweeps.launch.budget import TimeBudget
 
 
 def _fit(seconds: float) -> list[float]:

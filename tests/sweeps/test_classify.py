@@ -10,8 +10,8 @@ import math
 
 import pytest
 
-from sweeps.classify import classify, classify_all
-from sweeps.records import TrialRecord
+from sweeps.results.classify import classify, classify_all
+from sweeps.results.records import TrialRecord
 from trainer.curves import Thresholds, smooth
 
 L0 = 3.0  # eval loss of the base model in every constructed trial

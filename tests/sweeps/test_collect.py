@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import json
 
-from sweeps.collect import collect_records
-from sweeps.records import error_lines
+from sweeps.results.collect import collect_records
+from sweeps.results.records import error_lines
 
 ERROR_TXT = """Failure # 1 (occurred at 2026-11-23_09-26-14)
 ray::ImplicitFunc.train() (pid=5623, ip=192.0.2.2, repr=run_trial)
-  File "sweeps/watchdog.py", line 90, in run
+  File "sweeps/launch/watchdog.py", line 90, in run
     raise TrialStalled(reason)
-sweeps.watchdog.TrialStalled: no report for 5 s after step 2
+sweeps.faults.TrialStalled: no report for 5 s after step 2
 Failure # 2 (occurred at 2026-11-23_09-26-21)
 The actor died unexpectedly before finishing this task.
 \tclass_name: ImplicitFunc

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sweeps.placement import CONTEXT_GIB, FILL, MARGIN
+from sweeps.launch.placement import CONTEXT_GIB, FILL, MARGIN
 from tests.conftest import ray_node, run_cli, stop_ray_nodes_under
 from tests.test_faults import _free_port as free_port
 

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from sweeps.faults import HOST_OOM, StorageProblem, as_storage_problem, atomic_write, describe, problem
-from sweeps.records import error_lines
+from sweeps.results.records import error_lines
 
 
 def test_full_disks_and_read_only_stores_are_recognized_whatever_library_says_it():

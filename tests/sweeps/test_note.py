@@ -11,11 +11,11 @@ from urllib.parse import unquote
 
 import pytest
 
-from sweeps.browse import FINDINGS_FILE, NOTE_LIMIT, parent_note, ui_links
-from sweeps.finish import log_parent_run
-from sweeps.records import TrialRecord
-from sweeps.report import Report
-from sweeps.tracking import Tracker
+from sweeps.launch.finish import log_parent_run
+from sweeps.launch.tracking import Tracker
+from sweeps.results.browse import FINDINGS_FILE, NOTE_LIMIT, parent_note, ui_links
+from sweeps.results.html_report import Report
+from sweeps.results.records import TrialRecord
 
 
 def test_mlflows_limit_is_the_one_the_note_is_cut_to():

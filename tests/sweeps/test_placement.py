@@ -6,8 +6,7 @@ import math
 
 import pytest
 
-from sweeps.analysis import memory_findings
-from sweeps.placement import (
+from sweeps.launch.placement import (
     CONTEXT_GIB,
     FILL,
     MARGIN,
@@ -19,7 +18,8 @@ from sweeps.placement import (
     plan_lines,
     trial_resources,
 )
-from sweeps.records import TrialRecord
+from sweeps.results.analysis import memory_findings
+from sweeps.results.records import TrialRecord
 from sweeps.spec import load_spec
 from trainer.memory import estimate
 

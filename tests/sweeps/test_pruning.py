@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from sweeps.pruning import DivergenceMonitor
+from sweeps.launch.pruning import DivergenceMonitor
 
 
 def _feed(monitor: DivergenceMonitor, losses: list[float]) -> tuple[int | None, str | None]:
@@ -53,8 +53,8 @@ def test_a_healthy_curve_is_never_stopped():
 def _bridge(tmp_path, pruning: str):
     import optuna
 
-    from sweeps.pruning import PruningSearch, make_pruner
-    from sweeps.space import DefineByRun, make_sampler
+    from sweeps.launch.pruning import PruningSearch, make_pruner
+    from sweeps.launch.space import DefineByRun, make_sampler
     from sweeps.spec import load_spec
 
     spec_file = tmp_path / "mo.yaml"
@@ -129,8 +129,8 @@ _CURVES = {1e-3: [3.0, 2.0, 1.5, 1.2, 1.0], 1e-4: [3.0, 2.9, 2.85, 2.8, 2.75], 1
 def _grid_bridge(tmp_path, algorithm: str, extra: str = ""):
     import optuna
 
-    from sweeps.pruning import PruningSearch, make_pruner
-    from sweeps.space import DefineByRun, GridSpace, make_sampler
+    from sweeps.launch.pruning import PruningSearch, make_pruner
+    from sweeps.launch.space import DefineByRun, GridSpace, make_sampler
     from sweeps.spec import load_spec
 
     tmp_path.mkdir(parents=True, exist_ok=True)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import itertools
 
-from sweeps import questions
-from sweeps.records import TrialRecord
+from sweeps.results import questions
+from sweeps.results.records import TrialRecord
 
 _ids = itertools.count()
 

@@ -19,7 +19,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sweeps.edges import Point, edge, geo_mid, optimum, proposals
+from sweeps.results.edges import Point, edge, geo_mid, optimum, proposals
 from tests.conftest import ROOT, run_cli
 
 # --- the edge finder ---------------------------------------------------------------------------------------------
@@ -71,7 +71,7 @@ def test_a_range_with_no_edge_or_its_best_at_an_end_is_stepped_past():
 
 
 def test_the_grid_is_handed_out_longest_trials_first():
-    from sweeps.space import longest_first
+    from sweeps.launch.space import longest_first
 
     cells = [{"method": m, "batch_size": b, "learning_rate": lr}
              for m in ("last_layer", "lora", "full") for b in (8, 4) for lr in (1e-2, 1e-4)]

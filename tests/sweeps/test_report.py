@@ -20,9 +20,9 @@ import matplotlib.colors
 import matplotlib.image
 import pytest
 
-from sweeps.analysis import best_lr, diagnose, final_loss, lr_sensitivity, window
-from sweeps.figures import OUTCOME_COLORS
-from sweeps.records import TrialRecord, save_records
+from sweeps.results.analysis import best_lr, diagnose, final_loss, lr_sensitivity, window
+from sweeps.results.figures import OUTCOME_COLORS
+from sweeps.results.records import TrialRecord, save_records
 from tests.conftest import run_cli
 
 L0 = 3.0  # the base model's eval loss in every synthetic trial
@@ -402,7 +402,7 @@ def all_failed(tmp_path_factory):
 def test_constructed_curves_classified_as_the_report_does_put_no_unstable_trial_in_a_range_called_good(tmp_path):
     """Curves, not given outcomes: classified on load. Oscillating trials with held-out losses as good as the best sit
     inside and beside the converged ones; no range the findings or the map call good holds one, at either batch size."""
-    from sweeps.analysis import groups
+    from sweeps.results.analysis import groups
 
     records = []
     for bs in (4, 8):
@@ -412,7 +412,7 @@ def test_constructed_curves_classified_as_the_report_does_put_no_unstable_trial_
     folder = _sweep(tmp_path, "mixed", records)
     code, output, drawn = _report_in_process(folder)
     assert code == 0
-    from sweeps.collect import load_folder
+    from sweeps.results.collect import load_folder
 
     loaded, _ = load_folder(folder)
     assert sorted({r.outcome for r in loaded}) == ["converged", "diverged", "oscillating"]
@@ -584,7 +584,7 @@ def test_a_sweep_folder_is_classified_with_its_own_specs_divergence_factor(tmp_p
     """The factor travels from the YAML (pruning.divergence.factor) through spec.json to the classifier."""
     import json
 
-    from sweeps.report import load_sweep
+    from sweeps.results.mlflow_records import load_sweep
     from sweeps.spec import load_spec
 
     yaml_spec = tmp_path / "s.yaml"

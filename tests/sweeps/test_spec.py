@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from sweeps.space import DefineByRun, grid_cells
+from sweeps.launch.space import DefineByRun, grid_cells
 from sweeps.spec import load_spec
 from tests.conftest import ROOT, run_cli
 from trainer.errors import UserError
@@ -127,7 +127,7 @@ def test_time_budget_and_stall_watchdog_do_not_make_another_sweep(tmp_path):
 def test_a_multi_objective_spec_names_its_objectives_and_nsga2_sizes_its_population(tmp_path):
     import optuna
 
-    from sweeps.space import make_sampler
+    from sweeps.launch.space import make_sampler
 
     spec_file = tmp_path / "s.yaml"
     spec_file.write_text(GOOD.replace("{algorithm: grid}", f"{{algorithm: nsga2, {TWO}, startup_trials: 6}}")

@@ -13,9 +13,9 @@ import random
 
 import pytest
 
-from sweeps import importance, tradeoff
-from sweeps.finish import pareto_ids
-from sweeps.records import TrialRecord
+from sweeps.launch.finish import pareto_ids
+from sweeps.results import importance, tradeoff
+from sweeps.results.records import TrialRecord
 from sweeps.spec import SweepSpec
 
 _ids = itertools.count()

@@ -6,7 +6,7 @@ import gc
 
 import pytest
 
-from sweeps.trial import releasing
+from sweeps.launch.trial import releasing
 from trainer import TrainConfig, train
 
 

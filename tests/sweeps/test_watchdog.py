@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from sweeps.watchdog import TrialStalled, Watchdog
+from sweeps.launch.watchdog import TrialStalled, Watchdog
 
 
 def _reports_then_hangs(watchdog: Watchdog, steps: int, release: threading.Event):

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from trainer.data import collate, load_records, split_records, tokenize
+from trainer.data import collate, read_examples, split_records, tokenize
 from trainer.errors import UserError
 from trainer.facts import facts
 from trainer.metrics import _exact_rows, weighted_loss
@@ -19,7 +19,7 @@ def _write(path, rows):
 
 def test_prompt_completion_targets_are_the_completion_and_eos(tmp_path, tokenizer):
     f = _write(tmp_path / "d.jsonl", [{"prompt": "Q: sky?\nA:", "completion": " blue."}])
-    (ex,) = tokenize(load_records(f), tokenizer, seq_len=64)
+    (ex,) = tokenize(read_examples(f), tokenizer, seq_len=64)
     target_ids = [t for t, m in zip(ex.input_ids, ex.target) if m]
     assert tokenizer.decode(target_ids[:-1]) == " blue."
     assert target_ids[-1] == tokenizer.eos_token_id
@@ -30,7 +30,7 @@ def test_chat_messages_take_loss_on_assistant_turns_only(tmp_path, tokenizer):
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"},
             {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye"}]
     f = _write(tmp_path / "c.jsonl", [{"messages": msgs}])
-    (ex,) = tokenize(load_records(f), tokenizer, seq_len=256)
+    (ex,) = tokenize(read_examples(f), tokenizer, seq_len=256)
     target_text = tokenizer.decode([t for t, m in zip(ex.input_ids, ex.target) if m])
     assert "Hello there" in target_text and "Goodbye" in target_text
     assert "Hi" not in target_text and "Bye" not in target_text and "assistant" not in target_text
@@ -70,15 +70,15 @@ def test_facts_are_deterministic_and_heldout_paraphrases_the_same_answers():
 
 def test_eval_fraction_holds_out_a_deterministic_share(tmp_path):
     f = _write(tmp_path / "d.jsonl", [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(10)])
-    train, ev = split_records(load_records(f), None, 0.2, seed=1)
+    train, ev = split_records(read_examples(f), None, 0.2, seed=1)
     assert len(train) == 8 and len(ev) == 2
-    assert split_records(load_records(f), None, 0.2, seed=1)[1] == ev
+    assert split_records(read_examples(f), None, 0.2, seed=1)[1] == ev
 
 
 def test_long_records_are_truncated_with_a_warning(tmp_path, tokenizer):
     f = _write(tmp_path / "d.jsonl", [{"prompt": "word " * 100, "completion": " end"}])
     with pytest.warns(UserWarning, match="truncated.*d.jsonl:1"):
-        (ex,) = tokenize(load_records(f), tokenizer, seq_len=16)
+        (ex,) = tokenize(read_examples(f), tokenizer, seq_len=16)
     assert len(ex.input_ids) == 16
 
 
@@ -99,7 +99,7 @@ def test_bad_data_names_file_and_line(tmp_path, name, rows, message):
     if rows is not None:
         _write(path, rows)
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")) as exc:
-        load_records(str(path))
+        read_examples(str(path))
     assert str(path) in str(exc.value)
 
 
@@ -120,17 +120,17 @@ def test_a_users_file_without_eval_data_holds_out_a_seeded_tenth_never_builtin_d
     cfg = TrainConfig(train_data=f)
     assert cfg.eval_data is None and cfg.eval_fraction == pytest.approx(0.1)
     assert "10% of" in cfg.eval_plan() and "held out" in cfg.eval_plan()
-    train, held = split_records(load_records(f), cfg.eval_data, cfg.eval_fraction)
+    train, held = split_records(read_examples(f), cfg.eval_data, cfg.eval_fraction)
     assert (len(train), len(held)) == (23, 2)  # round(2.5): 2
     assert not {r.source for r in train} & {r.source for r in held}
     # the same share for every trial, whatever the trial's own seed
-    assert split_records(load_records(f), None, 0.1)[1] == held
+    assert split_records(read_examples(f), None, 0.1)[1] == held
 
 
 def test_a_one_record_file_without_eval_data_is_a_user_error_that_asks_for_eval_data(tmp_path):
     f = _write(tmp_path / "one.jsonl", [{"prompt": "q", "completion": " a"}])
     with pytest.raises(UserError, match="leaves no training records out of 1: give eval data of your own"):
-        split_records(load_records(f), None, 0.1)
+        split_records(read_examples(f), None, 0.1)
 
 
 def test_eval_data_and_eval_fraction_together_are_refused():
@@ -156,4 +156,4 @@ def test_the_long_prompt_facts_hide_the_same_answers_behind_a_passage_that_never
     assert [r["completion"] for r in held] == [r["completion"] for r in short]
     assert not {r["prompt"] for r in held} & {r["prompt"] for r in long}, "other passages, paraphrased questions"
     assert TrainConfig(train_data="builtin:facts-long:8").eval_data == "builtin:facts-long-heldout"
-    assert len(load_records("builtin:facts-long-heldout:8")) == 8
+    assert len(read_examples("builtin:facts-long-heldout:8")) == 8

@@ -24,6 +24,6 @@ def test_a_whole_model_method_has_no_peft_config(name):
 
 
 def test_the_report_orders_methods_as_the_registry_does():
-    from sweeps.analysis import METHOD_ORDER
+    from sweeps.results.analysis import METHOD_ORDER
 
     assert METHOD_ORDER == tuple(METHODS) == ("full", "lora", "last_layer")

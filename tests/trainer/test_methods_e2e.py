@@ -36,9 +36,9 @@ def test_method_trains_writes_outputs_and_reloads(method, tmp_path, tiny_model_d
     assert len(saved["history"]) == len(reports)
 
     model, tokenizer, cfg = load_finetuned(tmp_path)
-    from trainer.data import load_records, tokenize
+    from trainer.data import read_examples, tokenize
 
-    eval_ex = tokenize(load_records(cfg.eval_data), tokenizer, cfg.seq_len)
+    eval_ex = tokenize(read_examples(cfg.eval_data), tokenizer, cfg.seq_len)
     again = evaluate(model, eval_ex, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
                      batch_size=16, device="cpu")
     assert again["loss"] == pytest.approx(m["eval_loss"], rel=1e-4)

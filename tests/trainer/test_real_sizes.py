@@ -77,7 +77,7 @@ def test_the_weight_snapshot_copies_only_what_trains(tiny_model_dir):
 def test_exports_carry_the_settings_and_load_in_their_libraries(tiny_model_dir):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainingArguments
 
-    from sweeps.export import hf_training_args, model_kwargs
+    from sweeps.results.export import hf_training_args, model_kwargs
     from trainer.models import bnb_config
 
     tc = _cfg("lora", dtype="bfloat16", gradient_checkpointing=True, optimizer="adamw_8bit", quantization="4bit")

@@ -2,7 +2,7 @@
 
 - Window, per group (a method at one batch size, or whatever else was searched): where it learns well (the LRs
   whose trials converged within ``MARGIN`` of the group's best held-out loss, in unbroken runs of tried LRs), where
-  instability starts (the lowest LR that oscillated or diverged) and where it diverges (``sweeps.edges``). No range
+  instability starts (the lowest LR that oscillated or diverged) and where it diverges (``sweeps.results.edges``). No range
   called good holds an oscillating or diverged trial. Stated only for groups with ``MIN_LRS`` LRs or more.
 - Comparisons (LoRA's best LR against full fine-tuning's, how the edge moves with batch size) only between groups
   whose best trial converged, with ``MIN_LRS`` LRs each; otherwise the finding says why it is not stated.
@@ -17,9 +17,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from statistics import mean
 
-from sweeps import edges
-from sweeps.records import OUTCOMES as OUTCOME_ORDER
-from sweeps.records import TrialRecord
+from sweeps.results import edges
+from sweeps.results.records import OUTCOMES as OUTCOME_ORDER
+from sweeps.results.records import TrialRecord
 from trainer import curves
 from trainer.config import MIN_EVAL_RECORDS
 from trainer.methods import METHODS

@@ -4,7 +4,7 @@ The first line copies the sampled values into the spec's typed ``TrainConfig``. 
 ``ray.tune.report``; every ``checkpoint_every`` reports the trainer's state
 (trainable weights, optimizer, position in the data; for LoRA only the adapter)
 is attached, so a retried trial resumes where it was. A stall watchdog
-(``sweeps.watchdog``) fails a trial that stops reporting, so Ray retries it too;
+(``sweeps.launch.watchdog``) fails a trial that stops reporting, so Ray retries it too;
 its reason goes to the driver as one last result, ``{"stalled": reason}``.
 Trials never write to MLflow: the driver is the only writer.
 """
@@ -23,9 +23,9 @@ from ray import tune
 from ray.tune import Checkpoint
 
 from sweeps.faults import as_storage_problem
-from sweeps.placement import memory_cap
+from sweeps.launch.placement import memory_cap
+from sweeps.launch.watchdog import Watchdog
 from sweeps.spec import trial_config
-from sweeps.watchdog import Watchdog
 from trainer.config import TrainConfig
 
 
@@ -42,7 +42,7 @@ def run_trial(
 
     ``base`` is the spec's ``base``: validated once, with every value and range end of the space, when the spec
     was loaded; so the sampled values are copied in, not validated again. ``ended``: on a resume, the trials that
-    had ended (trial id -> last result, ``sweeps.resume``) though Ray's saved state still runs them."""
+    had ended (trial id -> last result, ``sweeps.launch.resume``) though Ray's saved state still runs them."""
     recorded = (ended or {}).get(tune.get_context().get_trial_id())
     if recorded is not None:
         tune.report(recorded)  # said again, not trained again: Ray and the searcher close the trial
@@ -160,7 +160,7 @@ def _send(result: dict[str, Any], watchdog: Watchdog | None, checkpoint: Checkpo
             if full is None:
                 raise
             # the checkpoint could not be stored (a full disk): the driver stops the sweep with that one line
-            # (sweeps.folder), so --resume continues from the last checkpoint stored whole
+            # (sweeps.launch.folder), so --resume continues from the last checkpoint stored whole
             tune.report({**result, "storage_problem": {"why": full.why, "path": full.path, "what": full.what}})
             raise
 

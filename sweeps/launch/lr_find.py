@@ -1,12 +1,12 @@
 """Learning-rate range test: find each method's LR bounds before a sweep, and seed its grid with them.
 
-    python scripts/lr_find.py search_spaces/lr.yaml
-    python scripts/lr_find.py search_spaces/lr.yaml --best full=1e-3,lora=1e-2,last_layer=1e-2
-    python scripts/lr_find.py search_spaces/lr.yaml --methods full,lora --write search_spaces/lr_found.yaml
+    finetune lr-find search_spaces/lr.yaml
+    finetune lr-find search_spaces/lr.yaml --best full=1e-3,lora=1e-2,last_layer=1e-2
+    finetune lr-find search_spaces/lr.yaml --methods full,lora --write search_spaces/lr_found.yaml
 
 One short run per method with the LR ramped exponentially from --start to --end, --per-decade steps a
 decade (Smith 2015; fastai's lr_find, Lightning's finder). It stops by itself once the smoothed loss
-passes 4x its minimum. The rule (``sweeps.lr_range``): smooth over half a decade, skip the start-up
+passes 4x its minimum. The rule (``sweeps.results.lr_range``): smooth over half a decade, skip the start-up
 stretch, propose a decade either side of the smoothed minimum. The upper bound may lie past where the
 ramp's loss blew up (the "diverged" column): by then the ramp has trained several epochs, the sweep's
 shorter trials diverge higher, and the sweep needs LRs past its edge to find it. Why that rule, and not
@@ -26,20 +26,20 @@ import sys
 import time
 from pathlib import Path
 
-if __name__ == "__main__" and __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import yaml
 
+from sweeps.results.lr_range import STOP_FACTOR, beta_for, smoothed, suggest
+from sweeps.spec import load_spec
+from trainer.config import TrainConfig
 from trainer.errors import UserError, cli_errors
+from trainer.methods import METHODS
+from trainer.quiet import quiet_libraries
 from trainer.yamlio import safe_load
 
 
 def range_test(base: dict, method: str, *, start: float, end: float, steps: int) -> dict:
     """One ramped run; returns the curve (the LR each step trained at, its loss) and how it ended."""
-    from sweeps.lr_range import STOP_FACTOR, beta_for
-    from trainer.config import TrainConfig
-    from trainer.loop import train
+    from trainer.loop import train  # torch: --help and a bad spec answer without it
 
     beta = beta_for((steps - 1) / math.log10(end / start))  # the trainer's stop smooths as the suggestion does
     cfg = TrainConfig.model_validate({
@@ -107,14 +107,12 @@ def lr_block(results: list[dict], grid: int) -> dict:
 
 
 def write_spec(spec_path: Path, results: list[dict], target: Path) -> Path:
-    from sweeps.spec import load_spec
-
     data = safe_load(spec_path.read_text())
     space = data.setdefault("space", {})
     old = space.get("learning_rate") if isinstance(space.get("learning_rate"), dict) else {}
     space["learning_rate"] = lr_block(results, old.get("grid", 6))
     data["name"] = f"{data.get('name', 'sweep')}-lrfind"
-    header = f"# python sweeps/run.py {target}\n# LR bounds from: python scripts/lr_find.py {spec_path}\n"
+    header = f"# python sweeps/run.py {target}\n# LR bounds from: finetune lr-find {spec_path}\n"
     target.write_text(header + yaml.safe_dump(data, sort_keys=False))
     load_spec(target)  # a spec we cannot load again is a bug here, not a user error
     return target
@@ -137,7 +135,7 @@ def parse_best(text: str | None, methods) -> dict[str, float]:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python scripts/lr_find.py", description="LR range test per method.")
+    parser = argparse.ArgumentParser(prog="finetune lr-find", description="LR range test per method.")
     parser.add_argument("spec")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--methods", help="comma-separated (default: the spec's methods)")
@@ -150,15 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="folder for lr_find.png, lr_find.json and learning_rate.yaml")
     args = parser.parse_intermixed_args(argv)
 
-    from sweeps.lr_range import smoothed, suggest
-    from sweeps.spec import load_spec
-    from trainer.quiet import quiet_libraries
-
     quiet_libraries()
     spec = load_spec(args.spec, args.overrides)
     methods = args.methods.split(",") if args.methods else spec.methods
-    from trainer.methods import METHODS
-
     for m in methods:
         if m not in METHODS:
             raise UserError(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
@@ -172,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     best = parse_best(args.best, methods)
     out = Path(args.out) if args.out else Path(spec.output_dir) / f"lr_find-{spec.name}"
     out.mkdir(parents=True, exist_ok=True)
-    print(f"ramp {args.start:.0e} .. {args.end:.0e} in {steps} steps ({(steps - 1) / math.log10(args.end / args.start):.1f} a decade)")
+    per_decade = (steps - 1) / math.log10(args.end / args.start)
+    print(f"ramp {args.start:.0e} .. {args.end:.0e} in {steps} steps ({per_decade:.1f} a decade)")
 
     def fmt(v):
         return f"{v:.1e}" if v else "-"

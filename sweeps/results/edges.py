@@ -1,7 +1,7 @@
 """Edges, not a grid: where a method starts to diverge, where its optimum is, and the next LRs to try.
 
 One group is the trials that share everything but the learning rate (a method at one batch size). Each
-trial is a ``Point``: its LR, whether its training loss diverged (``sweeps.classify``), and its final
+trial is a ``Point``: its LR, whether its training loss diverged (``sweeps.results.classify``), and its final
 held-out loss when it ran to its end. From the points:
 
 - the **divergence edge** lies between the highest LR that did not diverge below the lowest LR that did
@@ -18,8 +18,8 @@ held-out loss when it ran to its end. From the points:
   the range steps past that end by half the last gap (3.2x from a decade grid): the range is where the
   user guessed, not where the answer must be.
 
-Pure Python: the searcher (``sweeps.pruning``) proposes with it from the Optuna study while the sweep
-runs, and the findings (``sweeps.analysis``) read the same edges from the finished records.
+Pure Python: the searcher (``sweeps.launch.pruning``) proposes with it from the Optuna study while the sweep
+runs, and the findings (``sweeps.results.analysis``) read the same edges from the finished records.
 """
 from __future__ import annotations
 

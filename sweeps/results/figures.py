@@ -15,9 +15,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
-from sweeps.analysis import MARGIN, MIN_LRS, best_trial, final_loss, lr_sensitivity, methods, window  # noqa: E402
-from sweeps.records import LABELS, OUTCOMES  # noqa: E402
-from sweeps.tradeoff import front, fronts_by_method, lr_text, points  # noqa: E402
+from sweeps.results.analysis import MARGIN, MIN_LRS, best_trial, final_loss, lr_sensitivity, methods, window  # noqa: E402
+from sweeps.results.edges import lr_text  # noqa: E402
+from sweeps.results.records import LABELS, OUTCOMES  # noqa: E402
+from sweeps.results.tradeoff import front, fronts_by_method, points  # noqa: E402
+from trainer.methods import METHODS  # noqa: E402
 
 OUTCOME_COLORS = {
     "converged": "#2a9d3f", "slow": "#8ecae6", "oscillating": "#f4a261", "overfit": "#7b2cbf",
@@ -60,8 +62,8 @@ _EDGE, _WELL, _UNSTABLE = "#d62828", "#2a9d3f", "#f4a261"
 def map_figure(records, out: Path) -> Path:
     """Per method: learning rate (log) x batch size, coloured by outcome, annotated with the final eval loss.
 
-    Grid trials are squares with their loss; refinement trials (``sweeps.refine``) smaller circles. Each row is a
-    group's window (``sweeps.analysis.window``): green bars where it learns well (converged within 5% of the row's
+    Grid trials are squares with their loss; refinement trials (``sweeps.launch.refine``) smaller circles. Each row is a
+    group's window (``sweeps.results.analysis.window``): green bars where it learns well (converged within 5% of the row's
     best), an orange tick where instability starts (the lowest LR that oscillated or diverged) and a red bar for its
     divergence edge (between the highest LR that did not diverge and the lowest that did)."""
     ms = methods(records)
@@ -156,7 +158,7 @@ def curves_figure(records, out: Path) -> Path:
 
 
 def method_panel_figure(records, out: Path) -> Path:
-    """Final eval loss against LR per batch size, each with its window (``sweeps.analysis.window``): where it learns
+    """Final eval loss against LR per batch size, each with its window (``sweeps.results.analysis.window``): where it learns
     well shaded, where instability starts (orange x) and the first LR that diverged (red v); the best LR marked,
     the sensitivity in the title."""
     ms = methods(records)
@@ -262,8 +264,6 @@ _LR_MARKERS = "o^sDvP*Xh<>p"
 
 
 def _method_color(method: str, index: int) -> str:
-    from trainer.methods import METHODS
-
     own = METHODS[method].color if method in METHODS else None
     return own or plt.get_cmap("tab10")(index % 10)
 

@@ -1,4 +1,4 @@
-"""TrialRecords from an MLflow experiment, for ``sweeps/report.py EXPERIMENT`` and export.
+"""TrialRecords from an MLflow experiment (or a sweep folder: ``load_sweep``), for ``finetune report`` and export.
 
 If the sweep's folder (the parent run's ``sweep_dir`` tag) is on this machine
 it is read directly; otherwise the records are rebuilt from the child runs:
@@ -11,9 +11,22 @@ from pathlib import Path
 
 import yaml
 
-from sweeps.records import CURVES, NOT_SETTINGS, Status, TrialRecord
+from sweeps.results.classify import classify_all
+from sweeps.results.collect import load_folder
+from sweeps.results.records import CURVES, Status, TrialRecord
+from sweeps.spec import sampled_settings
+from trainer.curves import Thresholds
 from trainer.errors import UserError
 from trainer.yamlio import safe_load
+
+# mlflow is imported in records_from_experiment only: a sweep folder is read without it
+
+
+def load_sweep(target: str):
+    """Records of a sweep folder (trials.json, or the raw trial folders) or of an MLflow experiment name."""
+    if Path(target).is_dir():
+        return load_folder(target)
+    return records_from_experiment(target)
 
 
 def records_from_experiment(name: str, uri: str | None = None):
@@ -29,16 +42,11 @@ def records_from_experiment(name: str, uri: str | None = None):
     parents = [r for r in runs if r.data.tags.get("role") == "sweep"]
     folder = parents[0].data.tags.get("sweep_dir") if parents else None
     if folder and Path(folder).is_dir():
-        from sweeps.collect import load_folder
-
         return load_folder(folder)
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     if not children:
         raise UserError(f"{name}: the MLflow experiment has no trial runs")
     records = [_record(client, run) for run in children]
-    from sweeps.classify import classify_all
-    from trainer.curves import Thresholds
-
     params = parents[0].data.params if parents else {}
     keys = {"factor": "pruning.divergence.factor", "spike": "pruning.divergence.spike"}
     classify_all(records, Thresholds(**{k: float(params[p]) for k, p in keys.items() if p in params}))
@@ -47,7 +55,7 @@ def records_from_experiment(name: str, uri: str | None = None):
 
 def _record(client, run) -> TrialRecord:
     tags, params = run.data.tags, run.data.params
-    config = {k: _parse(v) for k, v in params.items() if k not in NOT_SETTINGS}
+    config = {k: _parse(v) for k, v in sampled_settings(params).items()}
     by_step: dict[int, dict] = {}
     for key in CURVES:
         for m in client.get_metric_history(run.info.run_id, key):

@@ -2,7 +2,7 @@
 
 The study (SQLite, in the sweep folder) is the only state: grid trials carry their cell's values as user
 attributes, refinement trials are enqueued with theirs plus ``refine`` (the round) and ``why`` (edge,
-optimum), and every finished trial gets ``outcome`` (``sweeps.classify``) before it is told. So a resumed
+optimum), and every finished trial gets ``outcome`` (``sweeps.results.classify``) before it is told. So a resumed
 sweep proposes from what really ran, an enqueued trial is handed out once (``study.ask`` pops it), and an
 LR already in a group (finished, running or waiting) is never proposed again.
 
@@ -19,8 +19,8 @@ import math
 
 from optuna.trial import TrialState
 
-from sweeps import edges
-from sweeps.space import group_key
+from sweeps.launch.space import group_key
+from sweeps.results import edges
 from sweeps.spec import SweepSpec
 from trainer.methods import method_cost
 

@@ -18,20 +18,21 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 
-# LOGGED_METRICS, error_lines, trial_outcome live in sweeps.records and stay importable from here
+# LOGGED_METRICS, error_lines, trial_outcome live in sweeps.results.records and stay importable from here
 from sweeps.faults import atomic_write, problem, store_lock
-from sweeps.records import LOGGED_METRICS, NOT_SETTINGS, Status, error_lines, read_stops, trial_outcome
+from sweeps.results.records import LOGGED_METRICS, Status, error_lines, read_stops, scrub, trial_outcome
+from sweeps.spec import sampled_settings
+
+# mlflow is imported where the client is first used: the progress printer imports this module without it
 
 log = logging.getLogger(__name__)
 
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|CREDENTIAL|AUTH", re.I)
 _RUN_STATUS = {Status.COMPLETED: "FINISHED", Status.PRUNED: "KILLED", Status.DIVERGED: "KILLED", Status.FAILED: "FAILED"}
 
 
@@ -46,19 +47,6 @@ def configure_client_timeouts() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-
-
-def scrub(value: Any) -> Any:
-    """Replace any environment secret (a *TOKEN*, *SECRET*, *KEY* variable's value) inside ``value``."""
-    if isinstance(value, dict):
-        return {k: scrub(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [scrub(v) for v in value]
-    if isinstance(value, str):
-        for name, secret in os.environ.items():
-            if _SECRET_NAME.search(name) and len(secret) >= 8 and secret in value:
-                value = value.replace(secret, "***")
-    return value
 
 
 def flat_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -255,7 +243,7 @@ class Tracker:
         if trial in self.state["runs"]:
             return
         reuse = self.state["runs"].get(op.get("reuse") or "")
-        if reuse:  # the trial a resume started again under a new id (sweeps.pruning): one run, the points not twice
+        if reuse:  # the trial a resume started again under a new id (sweeps.launch.pruning): one run, the points not twice
             from mlflow.entities import RunTag
 
             self.client.log_batch(reuse, tags=[RunTag("trial_id", trial), RunTag("mlflow.runName", op["name"])])
@@ -327,7 +315,7 @@ class MlflowWriter(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._create(trial)
         if result.get("replayed"):
-            return  # a trial that had ended before a hard kill, said again on a resume (sweeps.resume): logged
+            return  # a trial that had ended before a hard kill, said again on a resume (sweeps.launch.resume): logged
         if result.get("stalled"):  # the watchdog's reason, sent just before the trial fails; kept after a retry
             self.tracker.submit({"op": "tags", "trial": trial.trial_id, "tags": {"stalled": result["stalled"]}})
             return
@@ -368,7 +356,7 @@ class MlflowWriter(Callback):
     def _end(self, trial, error: str | None) -> None:
         last = trial.last_result or {}
         if last.get("replayed") and trial.trial_id in self.tracker.state.get("ended", {}):
-            return  # its run has its outcome (else sweeps.finish catches it up)
+            return  # its run has its outcome (else sweeps.launch.finish catches it up)
         self._create(trial)
         self._flush(trial.trial_id, int(last.get("examples_seen", 0)))
         stop = read_stops(self.tracker.sweep_dir / "stops.jsonl").get(trial.trial_id)
@@ -399,7 +387,7 @@ def create_op(sweep: str, trial_id: str, cfg: dict) -> dict:
         "op": "create", "trial": trial_id, "sweep": sweep, "name": name,
         "tags": {"sweep": sweep, "trial_id": trial_id, "method": str(cfg.get("method", "")),
                  **({"refine": str(cfg["refine"])} if cfg.get("refine") else {})},  # proposed by refinement round N
-        "params": flat_params({k: v for k, v in cfg.items() if k not in NOT_SETTINGS}),
+        "params": flat_params(sampled_settings(cfg)),
         **({"reuse": cfg["restart_of"]} if cfg.get("restart_of") else {}),
     }
 

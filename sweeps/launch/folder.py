@@ -5,8 +5,8 @@ the sweep folder with its own state, every 10 s or more. A driver killed in betw
 left a trial that had finished (told to Optuna, logged to MLflow) without its results in the sweep folder, or
 without its folder at all. ``TrialFiles`` writes each trial's ``params.json`` when it is created (also when its
 worker was killed before it started) and appends each result to its ``result.json`` before any other callback
-sees it; ``sweeps.collect`` reads those. ``MachineFaults`` ends the sweep with one line when a file cannot
-be written (a full disk, a read-only store): a trial's checkpoint (``sweeps.trial`` reports it), this folder,
+sees it; ``sweeps.results.collect`` reads those. ``MachineFaults`` ends the sweep with one line when a file cannot
+be written (a full disk, a read-only store): a trial's checkpoint (``sweeps.launch.trial`` reports it), this folder,
 or Ray's own state (its log record, kept off the terminal by ``sweeps.faults.StorageLogFilter``).
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ class MachineFaults(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         found = result.get("storage_problem")
-        if isinstance(found, dict):  # the trial could not store its checkpoint (sweeps.trial), in its own folder
+        if isinstance(found, dict):  # the trial could not store its checkpoint (sweeps.launch.trial), in its own folder
             raise StorageProblem(found.get("why") or "no space left on device", found.get("path") or trial.path,
                                  "a trial checkpoint")
 

@@ -13,6 +13,8 @@ from typing import Any
 from sweeps.spec import Dimension, SweepSpec
 from trainer.methods import method_cost
 
+# optuna is imported where the sampler and the define-by-run space are built: --dry-run describes without it
+
 
 # method first, so per-method ranges and `when: {method: ...}` conditions can see it
 def _order(spec: SweepSpec) -> list[str]:
@@ -65,7 +67,7 @@ def grid_cells(spec: SweepSpec) -> list[dict[str, Any]]:
 class GridSpace:
     """Define-by-run for GridSampler: one categorical ``cell`` index; returns the cell's values.
 
-    A refinement trial (``sweeps.refine``: enqueued with ``refine`` among its user attributes) gets its
+    A refinement trial (``sweeps.launch.refine``: enqueued with ``refine`` among its user attributes) gets its
     group's values and the enqueued learning rate instead."""
 
     def __init__(self, spec: SweepSpec):
@@ -100,7 +102,7 @@ def longest_first(cells: list[dict[str, Any]]) -> list[int]:
 
 
 def max_refinement(spec: SweepSpec, n_grid: int) -> int:
-    """An upper bound on refinement trials (``sweeps.refine``): each group, each round, an edge point and the
+    """An upper bound on refinement trials (``sweeps.launch.refine``): each group, each round, an edge point and the
     optimum's two sides."""
     refine = spec.search.refine
     if refine is None:

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from sweeps.analysis import METHOD_ORDER, final_loss
-from sweeps.edges import lr_text
-from sweeps.records import TrialRecord
+from sweeps.results.analysis import METHOD_ORDER, final_loss
+from sweeps.results.edges import lr_text
+from sweeps.results.records import TrialRecord
 
 FINISHED = ("converged", "slow", "oscillating", "overfit")  # ran to the end: its final measures exist
 

@@ -25,9 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-
-class TrialStalled(Exception):
-    """The trainer sent no report for too long; the message is the reason recorded for the trial."""
+from sweeps.faults import TrialStalled
 
 
 class Watchdog:

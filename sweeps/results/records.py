@@ -10,27 +10,26 @@ it was (``Outcome``), and the plain files a sweep folder keeps (``stops.jsonl``,
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from sweeps.faults import HOST_OOM, atomic_write, is_host_oom
-from sweeps.spec import NOT_SETTINGS  # noqa: F401  (re-exported: the readers' import)
-from sweeps.watchdog import TrialStalled
+from sweeps.faults import HOST_OOM, TrialStalled, atomic_write, is_host_oom
 
 # --- metric names: the one list, and the named subsets its readers and writers use --------------------------
 CURVES = ("train_loss", "train_loss_ema", "eval_loss", "grad_norm", "lr", "tokens_per_s", "objective",
           "train_exact_match", "forgetting")
-"""A value at (nearly) every report: the curves MLflow draws and ``sweeps.mlflow_records`` reads back. Exact match of
+"""A value at (nearly) every report: the curves MLflow draws and ``sweeps.results.mlflow_records`` reads back. Exact match of
 the training completions and forgetting are measured at the end, and along the run with ``exact_match_every``."""
 PROGRESS = ("step", "examples_seen", "epoch")
 """Where on the run a report is; ``examples_seen`` is every curve's x axis (MLflow's step)."""
 TIMINGS = ("train_time_s", "eval_time_s", "setup_time_s")
 MEMORY = ("peak_mem_gib", "mem_estimate_gib", "gpu_share", "mem_cap_gib")
 """Peak memory (CUDA allocated on a GPU, the process's peak resident set on a CPU); on a GPU, the trial's estimate,
-its share of the GPU and the CUDA memory cap that share set (``sweeps.placement``)."""
+its share of the GPU and the CUDA memory cap that share set (``sweeps.launch.placement``)."""
 SUMMARY = (
     "l0", "eval_exact_match", "train_token_accuracy", "eval_token_accuracy", "base_train_exact_match",
     "train_completion_loss", "train_prompt_loss", "eval_prompt_loss", "reference_nll", "weight_change_mean",
@@ -57,7 +56,7 @@ class Status(StrEnum):
 
 
 class Outcome(StrEnum):
-    """What happened to a trial (``sweeps.classify``). Stored in records as the plain string value."""
+    """What happened to a trial (``sweeps.results.classify``). Stored in records as the plain string value."""
 
     CONVERGED = "converged"
     SLOW = "slow"
@@ -106,13 +105,13 @@ class TrialRecord:
     """Set when the trial process failed (exception, out of memory)."""
     mlflow_run_id: str | None = None
     outcome: str | None = None
-    """One of OUTCOMES, set by sweeps.classify."""
+    """One of OUTCOMES, set by sweeps.results.classify."""
     evidence: str | None = None
     """Why that outcome, in words with the numbers (e.g. 'smoothed loss 4.6x its minimum at 320 examples')."""
     objective: float | None = None
     """The finite objective told to Optuna (or that would have been): min(eval loss, l0) for diverged trials."""
     refine: int | None = None
-    """The refinement round that proposed this trial (sweeps.refine); None for a trial of the grid."""
+    """The refinement round that proposed this trial (sweeps.launch.refine); None for a trial of the grid."""
 
     @property
     def method(self) -> str:
@@ -134,7 +133,7 @@ def save_records(records: list[TrialRecord], path: Path) -> None:
     atomic_write(path, json.dumps([r.to_json() for r in records], indent=1, allow_nan=False))
 
 
-def load_records(path: Path) -> list[TrialRecord]:
+def read_trials(path: Path) -> list[TrialRecord]:
     return [TrialRecord.from_json(d) for d in json.loads(path.read_text())]
 
 
@@ -152,6 +151,23 @@ def read_stops(path: Path) -> dict[str, str]:
 
 
 _STALLED = re.compile(rf"^(?:[\w.]+\.)?{TrialStalled.__name__}: ")
+
+
+# an environment variable whose value is never written into a file, a tag or a log
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|CREDENTIAL|AUTH", re.I)
+
+
+def scrub(value: Any) -> Any:
+    """Replace any environment secret (a *TOKEN*, *SECRET*, *KEY* variable's value) inside ``value``."""
+    if isinstance(value, dict):
+        return {k: scrub(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub(v) for v in value]
+    if isinstance(value, str):
+        for name, secret in os.environ.items():
+            if _SECRET_NAME.search(name) and len(secret) >= 8 and secret in value:
+                value = value.replace(secret, "***")
+    return value
 
 
 def error_lines(path: str | Path | None) -> list[str]:

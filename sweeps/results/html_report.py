@@ -1,21 +1,60 @@
-"""One self-contained HTML report: findings, figures (embedded), and the table of trials. Opens offline."""
+"""A finished sweep's report: every figure, the findings, and one self-contained HTML file that opens offline.
+
+``build_report`` is what the report command (``finetune report``) and the end of a sweep (``sweeps.launch.finish``)
+both call; a new figure is drawn in ``figures.py`` and added to its list here.
+"""
 from __future__ import annotations
 
 import base64
 import html
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from sweeps.analysis import final_loss
-from sweeps.browse import LINK_WORDS
-from sweeps.figures import OUTCOME_COLORS
-from sweeps.records import LABELS
-from sweeps.tradeoff import front, label, points, ppl_factor, varied_keys
+from sweeps.results import figures, importance, questions, tradeoff
+from sweeps.results.analysis import diagnose, final_loss, small_heldout
+from sweeps.results.browse import LINK_WORDS
+from sweeps.results.figures import OUTCOME_COLORS
+from sweeps.results.records import LABELS
+from sweeps.results.tradeoff import front, label, points, ppl_factor, varied_keys
 
 _CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1400px;color:#222}
 h1{font-size:22px}h2{font-size:17px;margin-top:28px}img{max-width:100%;border:1px solid #eee}
 table{border-collapse:collapse;font-size:12px}td,th{padding:3px 8px;border-bottom:1px solid #eee;text-align:left}
 th{background:#f6f6f6}.o{color:#fff;padding:1px 6px;border-radius:3px}li{margin:3px 0}"""
+
+
+
+@dataclass
+class Report:
+    figures: list[Path]
+    html: Path
+    findings: list[str]
+    importances: dict[str, dict[str, float]] = field(default_factory=dict)
+    """objective -> {searched setting: fANOVA importance}; empty with too few finished trials."""
+
+
+def build_report(records, out_dir: Path, *, title: str, links: dict[str, str] | None = None) -> Report:
+    """Draw every figure and the HTML report for classified records; never fails on missing data."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    found = importance.importances(records)
+    found_first = diagnose(records)
+    warned = len(small_heldout(records))  # the warnings first, then the answers to a question the sweep asks
+    findings = (found_first[:warned] + questions.findings(records) + found_first[warned:] + tradeoff.findings(records)
+                + importance.findings(records, found))
+    paths = [
+        figures.map_figure(records, out_dir / "map.png"),
+        figures.curves_figure(records, out_dir / "curves.png"),
+        figures.method_panel_figure(records, out_dir / "methods.png"),
+        figures.changes_figure(records, out_dir / "changes.png"),
+        figures.tradeoff_figure(records, out_dir / "tradeoff.png"),
+        figures.importance_figure(found, out_dir / "importance.png",
+                                  note=f"parameter importance needs >= {importance.MIN_TRIALS} finished trials"),
+    ]
+    html_file = out_dir / "report.html"
+    write_html(records, paths, findings, html_file, title, links=links)
+    return Report(paths, html_file, findings, found)
 
 
 def write_html(records, figures: list[Path], findings: list[str], out: Path, title: str,

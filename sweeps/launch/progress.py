@@ -9,6 +9,9 @@ import time
 
 from ray.tune import Callback
 
+from sweeps.launch.tracking import trial_error
+from sweeps.results.records import Status, read_stops, trial_outcome
+
 
 class ProgressPrinter(Callback):
     def __init__(self, n_total: int, metric: str, stops_file, refining: bool = False):
@@ -30,8 +33,6 @@ class ProgressPrinter(Callback):
         self._finish(trial, trials, error=True)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        from sweeps.tracking import trial_error
-
         print(f"[{self._clock()}] retrying  {_label(trial)}  {trial_error(trial)}  (failure {trial.num_failures})",
               flush=True)
 
@@ -43,9 +44,6 @@ class ProgressPrinter(Callback):
             print(f"[{self._clock()}] {self.done} done of {self.total}, {running} running", flush=True)
 
     def _finish(self, trial, trials, error: bool) -> None:
-        from sweeps.records import Status, read_stops, trial_outcome
-        from sweeps.tracking import trial_error
-
         self.done += 1
         last = trial.last_result or {}
         stop = read_stops(self.stops_file).get(trial.trial_id)

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from sweeps.analysis import final_loss
-from sweeps.records import NOT_SETTINGS, TrialRecord
-from sweeps.tradeoff import finished, is_number
+from sweeps.results.analysis import final_loss
+from sweeps.results.records import TrialRecord
+from sweeps.results.tradeoff import finished, is_number
+from sweeps.spec import sampled_settings
+
+# optuna (fANOVA) is imported where importances are computed: reading a sweep's records needs none of it
 
 MIN_TRIALS = 10  # a forest on fewer points says more about the seed than about the settings
-IGNORED = (*NOT_SETTINGS, "fault", "seed")  # a grid index, a test hook, a repeat: not settings whose importance is asked
+IGNORED = ("fault", "seed")  # a test hook, a repeat: not settings whose importance is asked
 
 
 def objectives(records: list[TrialRecord]) -> dict[str, list[tuple[TrialRecord, float]]]:
@@ -58,7 +61,7 @@ def findings(records: list[TrialRecord], found: dict[str, dict[str, float]]) -> 
 def _searched(records) -> dict[str, list[Any]]:
     """Setting -> the values trials had for it, for settings every trial has and the search varied."""
     chosen = [_params(r) for r in records]
-    keys = [k for k in (chosen[0] if chosen else {}) if k not in IGNORED and all(k in c for c in chosen)]
+    keys = [k for k in sampled_settings(chosen[0] if chosen else {}) if k not in IGNORED and all(k in c for c in chosen)]
     seen = {k: [c[k] for c in chosen] for k in keys}
     return {k: v for k, v in seen.items() if len({repr(x) for x in v}) > 1}
 

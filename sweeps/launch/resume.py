@@ -3,13 +3,13 @@
 Ray Tune saves its experiment state every 10 s or more. A driver killed hard (SIGKILL, the OOM killer) leaves a
 state older than the sweep: a trial that finished since is still running there, and Ray would train it again
 from its checkpoint, which may even be gone by then (Ray keeps one). The sweep's own records are written as
-things happen: each trial's ``result.json`` (``sweeps.folder``), ``stops.jsonl`` and the Optuna study. So:
+things happen: each trial's ``result.json`` (``sweeps.launch.folder``), ``stops.jsonl`` and the Optuna study. So:
 
 - ``ended_trials``: the trials those records call ended, with their last result. The resumed trial function
-  reports that result again and returns (``sweeps.trial``), so Ray, the searcher and its concurrency limit
+  reports that result again and returns (``sweeps.launch.trial``), so Ray, the searcher and its concurrency limit
   close the trial as they would have; nothing is trained or logged twice (the result is marked ``replayed``).
 - ``keep_restorable``: a trial still to run whose checkpoint is gone gets an empty checkpoint folder: Ray's
-  restore goes through and the trial starts again from its beginning (``sweeps.trial.usable_checkpoint``),
+  restore goes through and the trial starts again from its beginning (``sweeps.launch.trial.usable_checkpoint``),
   under its id and in its MLflow run, rather than failing.
 
 A trial Ray's state does not know at all is started again by the searcher (``PruningSearch.restore``). A failed
@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sweeps.collect import trial_results
-from sweeps.records import Status, read_stops
+from sweeps.results.collect import trial_results
+from sweeps.results.records import Status, read_stops
 
 GONE = "GONE.txt"
 # Ray's own keys of a result (ray.tune.result.AUTO_RESULT_KEYS and the trial id): Ray sets them again

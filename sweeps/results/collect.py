@@ -10,19 +10,31 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sweeps.records import HISTORY_KEYS, NOT_SETTINGS, RESTARTED, Status, TrialRecord, error_lines, read_stops, trial_outcome
+from pydantic import ValidationError
+
+from sweeps.results.classify import classify_all
+from sweeps.results.records import (
+    HISTORY_KEYS,
+    RESTARTED,
+    Status,
+    TrialRecord,
+    error_lines,
+    read_stops,
+    read_trials,
+    trial_outcome,
+)
+from sweeps.spec import SweepSpec, sampled_settings
+from trainer.config import TrainConfig
+from trainer.curves import Thresholds
 from trainer.errors import UserError
 
 
 def load_folder(folder: str | Path) -> tuple[list[TrialRecord], Path]:
     """``(records, folder)`` of a sweep folder (its trials.json, else the raw trial folders), classified with the
-    current rules and the sweep's own thresholds; what ``sweeps/report.py``, the export and an MLflow experiment
+    current rules and the sweep's own thresholds; what the report, the export and an MLflow experiment
     whose sweep folder is on this machine read."""
-    from sweeps.classify import classify_all
-    from sweeps.records import load_records
-
     path = Path(folder)
-    records = load_records(path / "trials.json") if (path / "trials.json").is_file() else collect_records(path)
+    records = read_trials(path / "trials.json") if (path / "trials.json").is_file() else collect_records(path)
     if not records:
         raise UserError(f"{folder}: no trials found in this folder")
     classify_all(records, sweep_thresholds(path))
@@ -31,8 +43,6 @@ def load_folder(folder: str | Path) -> tuple[list[TrialRecord], Path]:
 
 def sweep_thresholds(sweep_dir: Path):
     """The curve thresholds of the sweep's own spec (its spec.json); the defaults without one."""
-    from trainer.curves import Thresholds
-
     divergence = _json(Path(sweep_dir) / "spec.json").get("spec", {}).get("pruning", {}).get("divergence", {})
     return Thresholds(**{k: float(divergence[k]) for k in ("factor", "spike") if k in divergence})
 
@@ -71,14 +81,12 @@ def _base_config(sweep_dir: Path) -> dict[str, Any]:
     saved = _json(sweep_dir / "spec.json").get("spec")
     if not saved:
         return {}
-    from sweeps.spec import SweepSpec
-
     return SweepSpec.model_validate(saved).base_train()
 
 
 def _record(trial_dir: Path, stops: dict, mlflow_map: dict, base: dict) -> TrialRecord | None:
     params = _json(trial_dir / "params.json")
-    sampled = {k: v for k, v in params.items() if k not in NOT_SETTINGS}
+    sampled = sampled_settings(params)
     config = _resolved({**base, **sampled})
     lines = _results(trial_dir / "result.json")
     trial_id = lines[-1].get("trial_id") if lines else _trial_id_from_name(trial_dir.name)
@@ -105,10 +113,6 @@ def _record(trial_dir: Path, stops: dict, mlflow_map: dict, base: dict) -> Trial
 
 def _resolved(config: dict[str, Any]) -> dict[str, Any]:
     """Every TrainConfig field, defaults included: a sweep that does not vary learning_rate still has one."""
-    from pydantic import ValidationError
-
-    from trainer.config import TrainConfig
-
     try:
         return {**config, **TrainConfig.model_validate(config).model_dump(mode="json")}
     except ValidationError:  # a record of an older or hand-edited sweep: keep what is there

@@ -23,7 +23,7 @@ divergence that the map shows is the rule that stopped the trial. Checked in thi
 """
 from __future__ import annotations
 
-from sweeps.records import TrialRecord
+from sweeps.results.records import TrialRecord
 from trainer import curves
 from trainer.curves import Thresholds
 

@@ -37,15 +37,17 @@ from typing import Any
 
 import optuna
 from optuna.study import StudyDirection
-from optuna.trial import TrialState
+from optuna.trial import Trial, TrialState
 from ray.tune import Stopper
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from sweeps.faults import append_line, atomic_write
-from sweeps.records import RESTARTED, read_stops  # read_stops' home; still importable from here
+from sweeps.launch.refine import DONE, GRID, WAIT
+from sweeps.launch.trial import objective_keys
+from sweeps.results.classify import classify
+from sweeps.results.records import RESTARTED, TrialRecord, read_stops  # read_stops' home; still importable from here
 from sweeps.spec import Pruning, SweepSpec
-from sweeps.trial import objective_keys
 from trainer.curves import DivergenceRule
 
 log = logging.getLogger(__name__)
@@ -120,7 +122,7 @@ class PruningSearch(OptunaSearch, Stopper):
         self._stopped: dict[str, str] = {}
         self._thresholds = spec.thresholds()
         self._curves: dict[str, list[dict[str, Any]]] = {}  # each trial's reports, to classify it when it ends
-        self._refiner = refiner  # sweeps.refine.Refiner: proposes LRs after the grid (None: the grid only)
+        self._refiner = refiner  # sweeps.launch.refine.Refiner: proposes LRs after the grid (None: the grid only)
         self.finished = False  # the refiner had nothing more to propose
         _LIVE[self._key] = self
 
@@ -149,8 +151,6 @@ class PruningSearch(OptunaSearch, Stopper):
         return config
 
     def _restart(self, trial_id: str, storage_id: int):
-        from optuna.trial import Trial
-
         ot_trial = Trial(self._ot_study, storage_id)
         before = ot_trial.user_attrs.get("ray_trial_id")
         self._ot_trials[trial_id] = ot_trial
@@ -164,8 +164,6 @@ class PruningSearch(OptunaSearch, Stopper):
 
     def _suggest(self, trial_id: str):
         if trial_id not in self._ot_trials:
-            from sweeps.refine import DONE, GRID, WAIT
-
             step = None
             if self._refiner is not None:
                 step = self._refiner.step(self._ot_study)
@@ -201,7 +199,7 @@ class PruningSearch(OptunaSearch, Stopper):
         if result.get("storage_problem"):
             return False  # not a point of the curve: the trial could not store its checkpoint, the sweep stops
         if result.get("replayed"):
-            return trial_id in self._stopped  # a trial that ended before a hard kill, said again (sweeps.resume)
+            return trial_id in self._stopped  # a trial that ended before a hard kill, said again (sweeps.launch.resume)
         if result.get("stalled"):
             # The watchdog's last word before the trial fails: not a point of the curve, and no reason to stop it
             # here (a stopped trial is not retried); the Optuna trial keeps the reason, whatever the retry gives.
@@ -264,7 +262,7 @@ class PruningSearch(OptunaSearch, Stopper):
             return
         ot_trial = self._ot_trials[trial_id]
         if self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
-            self._completed_trials.add(trial_id)  # told before (a failed trial a resume ran again, or sweeps.resume)
+            self._completed_trials.add(trial_id)  # told before (a failed trial a resume ran again, or sweeps.launch.resume)
             return
         status = (result or {}).get("status")
         values = [(result or {}).get(k) for k in self._objective_keys]
@@ -284,10 +282,7 @@ class PruningSearch(OptunaSearch, Stopper):
         self._completed_trials.add(trial_id)
 
     def _outcome(self, trial_id: str, result: dict | None, error: bool) -> str:
-        """The trial's class by the same rules as the map's (``sweeps.classify``), from the reports seen here."""
-        from sweeps.classify import classify
-        from sweeps.records import TrialRecord
-
+        """The trial's class by the same rules as the map's (``sweeps.results.classify``), from the reports seen here."""
         result = result or {}
         record = TrialRecord(trial_id, config=dict(result.get("config") or {}), history=self._curves.pop(trial_id, []),
                              final=result, stopped_by=self._stopped.get(trial_id), error="failed" if error else None)

@@ -18,6 +18,9 @@ from sweeps.spec import SweepSpec
 from trainer.errors import UserError
 from trainer.methods import EXTENSIONS_ENV
 
+# Ray, Optuna, MLflow, torch and the launch modules (which import Ray) are imported inside the functions, after
+# run_sweep has put _QUIET_RAY in the environment: Ray reads it when it is first imported.
+
 log = logging.getLogger(__name__)
 
 
@@ -30,14 +33,14 @@ def tracking_uri(spec: SweepSpec) -> str:
     return f"sqlite:///{Path(spec.output_dir).resolve() / 'mlflow.db'}"
 
 
-# Ray's own console output: its table prints every internal key and TensorBoard warnings; ours is sweeps.progress.
+# Ray's own console output: its table prints every internal key and TensorBoard warnings; ours is sweeps.launch.progress.
 _QUIET_RAY = {
     "RAY_AIR_NEW_OUTPUT": "0",
-    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # result.json: sweeps.folder writes it; no TensorBoard/CSV
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # result.json: sweeps.launch.folder writes it; no TensorBoard/CSV
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     "RAY_DEDUP_LOGS": "0",
     "MLFLOW_LOGGING_LEVEL": "WARNING",  # not "Creating initial MLflow database tables..."
-    "TUNE_PRINT_ALL_TRIAL_ERRORS": "0",  # a failed trial is one line (sweeps.progress); its traceback is in error.txt
+    "TUNE_PRINT_ALL_TRIAL_ERRORS": "0",  # a failed trial is one line (sweeps.launch.progress); its traceback is in error.txt
 }
 
 
@@ -57,7 +60,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
             connected = _init_ray(spec, address)
         finally:
             checked.result()  # bad input: its UserError, whatever Ray did
-    from sweeps.placement import ignored_gpus_warning, plan_lines, ray_nodes, trial_resources
+    from sweeps.launch.placement import ignored_gpus_warning, plan_lines, ray_nodes, trial_resources
 
     nodes = ray_nodes()
     placer = trial_resources(spec, nodes)
@@ -68,7 +71,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
     sweep_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(sweep_dir / "spec.json", json.dumps({"digest": spec.digest(), "spec": spec.model_dump(mode="json")}, indent=1))
 
-    from sweeps.tracking import MlflowWriter, Tracker, configure_client_timeouts
+    from sweeps.launch.tracking import MlflowWriter, Tracker, configure_client_timeouts
 
     configure_client_timeouts()
     uri = tracking_uri(spec)
@@ -79,15 +82,15 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
     print(f"mlflow: {uri} (experiment {tracker.experiment!r})", flush=True)
 
     tuner, n_total = _tuner(spec, sweep_dir, writer, resume, placer)
-    from sweeps.budget import TimeBudget
+    from sweeps.launch.budget import TimeBudget
 
     t0 = time.time()
     with TimeBudget(spec.search.time_budget_s) as budget:  # counted, as Ray's own, from the start of the trials
         tuner.fit()  # results are read back from the sweep folder (collect_records), which survives a resume
     wall = time.time() - t0
 
-    from sweeps.collect import collect_records
-    from sweeps.finish import finish_sweep
+    from sweeps.launch.finish import finish_sweep
+    from sweeps.results.collect import collect_records
 
     records = collect_records(sweep_dir)
     finished = len([r for r in records if r.final.get("done") or r.error or r.stopped_by])
@@ -96,7 +99,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
             pool.submit(ray.shutdown)
         left = finish_sweep(spec, sweep_dir, records, tracker, parent, wall_s=wall)
     if spec.search.refine:  # the searcher ends a refining sweep: it is complete when it said so
-        from sweeps.pruning import search_finished
+        from sweeps.launch.pruning import search_finished
 
         stopped_early = budget.expired or not search_finished(spec.name)
     else:
@@ -133,11 +136,11 @@ def _check_resume(spec: SweepSpec, sweep_dir: Path, resume: bool) -> bool:
 
 def _preflight_data(spec: SweepSpec) -> None:
     """Read the data and the model before Ray starts: bad input fails in seconds, with nothing written."""
-    from trainer.data import load_records, split_records, tokenize
+    from trainer.data import read_examples, split_records, tokenize
     from trainer.models import load_tokenizer, resolve_model_dir
 
     try:
-        train = load_records(spec.data.train)
+        train = read_examples(spec.data.train)
     except UserError as exc:
         raise UserError(f"{spec.source}: data.train: {exc}") from None
     base = spec.base  # the eval source resolved, as every trial has it
@@ -171,7 +174,7 @@ def _init_ray(spec: SweepSpec, address: str | None) -> bool:
     # EXTENSIONS_ENV: every worker imports the same method modules as this driver (trainer.methods)
     env = {k: os.environ[k] for k in ("FINETUNE_SWEEPS_CACHE", "RAY_AUTH_MODE", EXTENSIONS_ENV) if k in os.environ}
     # TUNE_FUNCTION_THREAD_TIMEOUT_S: how long a reused worker waits for the last trial's thread to end (it frees the
-    # trial's GPU memory, sweeps.trial.releasing) before Ray gives up reusing it and fails the next trial; Ray's is 2 s
+    # trial's GPU memory, sweeps.launch.trial.releasing) before Ray gives up reusing it and fails the next trial; Ray's is 2 s
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TUNE_FUNCTION_THREAD_TIMEOUT_S="30")
     common = dict(log_to_driver=False, logging_level=logging.ERROR, runtime_env={"env_vars": env})
     if ray.is_initialized():
@@ -208,7 +211,7 @@ def _check_reachable(address: str) -> None:
 
 def _check_resources(spec: SweepSpec, placer, nodes) -> None:
     """Every method's largest trial fits on some node (CPUs and GPU share), before any trial starts."""
-    from sweeps.placement import largest_trials
+    from sweeps.launch.placement import largest_trials
 
     for method, cfg in largest_trials(spec, placer).items():
         share = placer.share(cfg)
@@ -247,11 +250,11 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, writer, resume: bool, placer):
     from ray import tune
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig
 
-    from sweeps.folder import MachineFaults, TrialFiles
-    from sweeps.progress import ProgressPrinter
-    from sweeps.pruning import PruningSearch, make_pruner
-    from sweeps.space import DefineByRun, GridSpace, make_sampler, n_trials
-    from sweeps.trial import run_trial
+    from sweeps.launch.folder import MachineFaults, TrialFiles
+    from sweeps.launch.progress import ProgressPrinter
+    from sweeps.launch.pruning import PruningSearch, make_pruner
+    from sweeps.launch.space import DefineByRun, GridSpace, make_sampler, n_trials
+    from sweeps.launch.trial import run_trial
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     base = spec.base
@@ -262,8 +265,8 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, writer, resume: bool, placer):
         total_examples = math.ceil(base.epochs * len(run_records(base)[0]))  # after the held-out split
     failure = spec.failure
     ended = {}
-    if resume:  # what a hard kill left Ray's saved state without (sweeps.resume)
-        from sweeps.resume import ended_trials, keep_restorable
+    if resume:  # what a hard kill left Ray's saved state without (sweeps.launch.resume)
+        from sweeps.launch.resume import ended_trials, keep_restorable
 
         ended = ended_trials(sweep_dir)
         keep_restorable(sweep_dir, ended)
@@ -271,12 +274,12 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, writer, resume: bool, placer):
         run_trial, base=base, metrics=spec.search.metrics, checkpoint_every=failure.checkpoint_every,
         stall_s=failure.stall_s, setup_s=failure.setup_s, ended=ended,
     )
-    trainable = tune.with_resources(trainable, placer)  # per trial, from its settings (sweeps.placement)
+    trainable = tune.with_resources(trainable, placer)  # per trial, from its settings (sweeps.launch.placement)
     n_total = n_trials(spec)
     refiner, n_refine = None, 0
     if spec.search.refine:
-        from sweeps.refine import Refiner
-        from sweeps.space import max_refinement
+        from sweeps.launch.refine import Refiner
+        from sweeps.launch.space import max_refinement
 
         refiner, n_refine = Refiner(spec, n_total), max_refinement(spec, n_total)
     storage = optuna.storages.RDBStorage(f"sqlite:///{sweep_dir / 'optuna.db'}")

@@ -6,20 +6,19 @@ import math
 import time
 from pathlib import Path
 
-from sweeps.analysis import final_loss
-from sweeps.browse import FINDINGS_FILE, LINK_WORDS, parent_note, ui_base, ui_links
-from sweeps.records import OUTCOMES, TrialRecord, save_records
+from sweeps.results.analysis import final_loss
+from sweeps.results.browse import FINDINGS_FILE, LINK_WORDS, parent_note, ui_base, ui_links
+from sweeps.results.classify import classify_all
+from sweeps.results.collect import trial_results
+from sweeps.results.html_report import build_report
+from sweeps.results.records import OUTCOMES, TrialRecord, save_records
+from sweeps.results.tradeoff import best_record, finished, front, is_number, non_dominated, points
 from sweeps.spec import SweepSpec
-from sweeps.tradeoff import finished, front, is_number, non_dominated, points
 
 
 def finish_sweep(spec: SweepSpec, sweep_dir: Path, records: list[TrialRecord], tracker, parent: str | None, *,
                  wall_s: float) -> int:
     """Classify, record, report and log the sweep; returns how many MLflow operations could still not be written."""
-    from sweeps.classify import classify_all
-    from sweeps.collect import trial_results
-    from sweeps.report import build_report
-
     classify_all(records, spec.thresholds())
     save_records(records, sweep_dir / "trials.json")
     tracker.flush()  # what was queued (a parent run a new store could not take at the start) is retried first
@@ -51,9 +50,9 @@ def finish_sweep(spec: SweepSpec, sweep_dir: Path, records: list[TrialRecord], t
                        extra=[sweep_dir / "trials.json"], wall_s=wall_s)
     if best_words:
         print(f"\nbest: {best_words}")
-        print(f"export it:  python scripts/export_best.py {sweep_dir}")
+        print(f"export it:  finetune export {sweep_dir}")
         if on_front:
-            print(f"the front:  python scripts/export_best.py {sweep_dir} --pareto   ({len(on_front)} trials; "
+            print(f"the front:  finetune export {sweep_dir} --pareto   ({len(on_front)} trials; "
                   "tag pareto=true in MLflow)")
     print(f"report:     {report.html}")
     left = tracker.flush()
@@ -123,14 +122,6 @@ def pareto_ids(records: list[TrialRecord], spec: SweepSpec) -> set[str]:
 
     measured = [r for r in records if finished(r) and all(is_number(r.final.get(m)) for m in spec.search.metrics)]
     return {r.trial_id for r in non_dominated(measured, key)}
-
-
-def best_record(records: list[TrialRecord], mode: str = "min", method: str | None = None) -> TrialRecord | None:
-    """The best completed trial (pruned, diverged, failed and unfinished trials never count)."""
-    ok = [r for r in records if finished(r) and r.objective is not None and (method is None or r.method == method)]
-    if not ok:
-        return None
-    return (min if mode == "min" else max)(ok, key=lambda r: r.objective)
 
 
 def ui_command(uri: str) -> str:

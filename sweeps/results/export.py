@@ -1,9 +1,9 @@
-"""Export the best trial of a sweep for the production fine-tune (``finetune-export``, or ``python scripts/export_best.py``).
+"""Export the best trial of a sweep for the production fine-tune (``finetune export``).
 
-    finetune-export sweeps_out/lr-instability
-    finetune-export sweeps_out/lr-instability --method lora
-    finetune-export sweeps_out/lr-instability --max-forgetting 0.5   # within a forgetting budget
-    finetune-export sweeps_out/lr-instability --pareto               # print the front, export nothing
+    finetune export sweeps_out/lr-instability
+    finetune export sweeps_out/lr-instability --method lora
+    finetune export sweeps_out/lr-instability --max-forgetting 0.5   # within a forgetting budget
+    finetune export sweeps_out/lr-instability --pareto               # print the front, export nothing
     python -m trainer.train sweeps_out/lr-instability/export/best.yaml
 
 Writes best.yaml (a trainer config that saves the model or adapter), the same
@@ -24,19 +24,22 @@ from pathlib import Path
 
 import yaml
 
+from sweeps.results.mlflow_records import load_sweep
+from sweeps.results.records import scrub
+from sweeps.results.tradeoff import best_record, finished, front, is_number, label, points, ppl_factor, varied_keys
+from sweeps.spec import SweepSpec, sampled_settings
+from trainer.config import TrainConfig
 from trainer.errors import UserError, cli_errors, prog_name
+from trainer.methods import get_method
+from trainer.outputs import provenance
 
 
-def trial_config(record, sweep_dir: Path):
-    """The trial's TrainConfig (the sweep's fixed settings plus the sampled values), validated once: a finished
-    sweep is read back from its files, which is a boundary like the spec's YAML."""
-    from sweeps.records import NOT_SETTINGS
-    from sweeps.spec import SweepSpec
-    from trainer.config import TrainConfig
-
+def record_config(record, sweep_dir: Path) -> TrainConfig:
+    """A finished trial's TrainConfig (the sweep's fixed settings plus its sampled settings), validated once: a
+    finished sweep is read back from its files, which is a boundary like the spec's YAML."""
     spec_file = Path(sweep_dir) / "spec.json"
     base = SweepSpec.model_validate(json.loads(spec_file.read_text())["spec"]).base_train() if spec_file.is_file() else {}
-    merged = {**base, **{k: v for k, v in record.config.items() if k not in NOT_SETTINGS}}
+    merged = {**base, **sampled_settings(record.config)}
     return TrainConfig.model_validate(merged)
 
 
@@ -46,8 +49,6 @@ FORGETTING_BOUND = 0.5
 
 def within(records, max_forgetting: float | None):
     """The trials whose measured forgetting is at most ``max_forgetting`` nats (all of them for None)."""
-    from sweeps.tradeoff import is_number
-
     if max_forgetting is None:
         return list(records)
     return [r for r in records if is_number(r.final.get("forgetting")) and r.final["forgetting"] <= max_forgetting]
@@ -55,8 +56,6 @@ def within(records, max_forgetting: float | None):
 
 def pick(records, *, metric: str | None, mode: str, method: str | None, max_forgetting: float | None = None):
     """The best completed trial by the rule; raises UserError (exit 2) when no trial fits it."""
-    from sweeps.finish import best_record
-
     if metric:
         for r in records:
             value = r.final.get(metric)
@@ -73,8 +72,6 @@ def pick(records, *, metric: str | None, mode: str, method: str | None, max_forg
 
 
 def _over_budget(records, method: str | None, max_forgetting: float) -> str:
-    from sweeps.tradeoff import finished, is_number
-
     what = f" of method {method}" if method else ""
     done = [r for r in records if finished(r) and (method is None or r.method == method)]
     measured = [r for r in done if is_number(r.final.get("forgetting"))]
@@ -100,9 +97,6 @@ def rule_text(metric: str, mode: str, method: str | None, max_forgetting: float 
 
 def forgetting_warning(best, records, *, mode: str, method: str | None, sweep: str) -> str | None:
     """When the chosen trial forgets more than FORGETTING_BOUND: what it costs, and the best trial within it."""
-    from sweeps.finish import best_record
-    from sweeps.tradeoff import is_number, ppl_factor
-
     forgetting = best.final.get("forgetting")
     if not is_number(forgetting) or forgetting <= FORGETTING_BOUND:
         return None
@@ -112,13 +106,11 @@ def forgetting_warning(best, records, *, mode: str, method: str | None, sweep: s
     if safe is None:
         return text + f" No completed trial stays within {FORGETTING_BOUND} nats."
     return (text + f" The best trial within {FORGETTING_BOUND} nats is {safe.trial_id} ({_describe(safe)}); export it with:\n"
-            f"  python scripts/export_best.py {sweep} --max-forgetting {FORGETTING_BOUND}")
+            f"  finetune export {sweep} --max-forgetting {FORGETTING_BOUND}")
 
 
 def front_table(records, method: str | None, max_forgetting: float | None) -> str:
     """The trade-off front (held-out loss against forgetting) as a table; UserError when no trial measured both."""
-    from sweeps.tradeoff import front, label, points, ppl_factor, varied_keys
-
     mine = [r for r in records if method is None or r.method == method]
     pts = [p for p in front(points(mine)) if max_forgetting is None or p.forgetting <= max_forgetting]
     if not pts:
@@ -135,18 +127,13 @@ def front_table(records, method: str | None, max_forgetting: float | None) -> st
 
 
 def _describe(r) -> str:
-    from sweeps.tradeoff import label
-
     return f"{label(r, ['batch_size', 'epochs', 'lora_r'])}, held-out loss {r.final.get('eval_loss', float('nan')):.3f}, " \
            f"forgetting {r.final.get('forgetting', float('nan')):+.2f}"
 
 
 def export(record, tc, out: Path, *, sweep: str, sweep_dir: Path, metric: str, rule: str) -> list[Path]:
-    """Write the export files of ``record``, whose TrainConfig is ``tc`` (``trial_config``)."""
-    from sweeps.tracking import scrub
-    from trainer.data import run_records
-    from trainer.methods import get_method
-    from trainer.outputs import provenance
+    """Write the export files of ``record``, whose TrainConfig is ``tc`` (``record_config``)."""
+    from trainer.data import run_records  # torch: only an export that writes files needs it
 
     cfg = tc.model_dump(mode="json")
     try:
@@ -162,7 +149,7 @@ def export(record, tc, out: Path, *, sweep: str, sweep_dir: Path, metric: str, r
         files[f"{method.name}_config.json"] = json.dumps(method.peft_args(tc), indent=2)
     files["model_kwargs.json"] = json.dumps(model_kwargs(tc), indent=2)
     if tc.quantization:  # transformers.BitsAndBytesConfig(**this): the 4-bit base the trial trained on
-        from trainer.models import bnb_config
+        from trainer.models import bnb_config  # torch, as run_records
 
         files["bnb_config.json"] = json.dumps(bnb_config(tc.dtype, as_dict=True), indent=2)
     files["openai.json"] = json.dumps(openai_hyperparameters(tc, n_train), indent=2)
@@ -214,7 +201,7 @@ def openai_hyperparameters(tc, n_train: int) -> dict:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=prog_name("python scripts/export_best.py"), description="Export a sweep's best trial.")
+    parser = argparse.ArgumentParser(prog=prog_name("finetune export"), description="Export a sweep's best trial.")
     parser.add_argument("sweep", help="the sweep folder (sweeps_out/NAME) or its MLflow experiment name")
     parser.add_argument("--metric", help="rank by this final metric instead of the sweep's objective")
     parser.add_argument("--mode", choices=["min", "max"], default="min")
@@ -226,8 +213,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="output folder (default: SWEEP/export)")
     args = parser.parse_args(argv)
 
-    from sweeps.report import load_sweep
-
     records, where = load_sweep(args.sweep)
     if args.pareto:
         print(front_table(records, args.method, args.max_forgetting))
@@ -236,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (sweep_dir / "spec.json").is_file():
         raise UserError(f"{args.sweep}: the sweep folder is not on this machine; export needs it (its spec.json)")
     best = pick(records, metric=args.metric, mode=args.mode, method=args.method, max_forgetting=args.max_forgetting)
-    tc = trial_config(best, sweep_dir)
+    tc = record_config(best, sweep_dir)
     out = Path(args.out) if args.out else sweep_dir / "export"
     metric = args.metric or "objective (the sweep's search.metric)"
     rule = rule_text(args.metric or "objective", args.mode, args.method, args.max_forgetting)

@@ -15,8 +15,9 @@ import math
 from dataclasses import dataclass
 from itertools import combinations
 
-from sweeps.analysis import methods
-from sweeps.records import TrialRecord
+from sweeps.results.analysis import methods
+from sweeps.results.edges import lr_text
+from sweeps.results.records import TrialRecord
 from trainer.methods import METHODS
 
 SAME = 0.01  # nats: forgetting differences below this are read as "the same"
@@ -172,10 +173,12 @@ def _range(lo: float, hi: float, fmt: str = "{:.2f}") -> str:
     return fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)} to {fmt.format(hi)}"
 
 
-def lr_text(lr: float) -> str:
-    """1e-3 for a grid's round values, 3.2e-4 for a sampled one."""
-    text = f"{lr:.0e}" if abs(lr - float(f"{lr:.0e}")) <= 1e-3 * lr else f"{lr:.1e}"
-    return text.replace("e-0", "e-").replace("e+0", "e+")
+def best_record(records: list[TrialRecord], mode: str = "min", method: str | None = None) -> TrialRecord | None:
+    """The best completed trial (pruned, diverged, failed and unfinished trials never count)."""
+    ok = [r for r in records if finished(r) and r.objective is not None and (method is None or r.method == method)]
+    if not ok:
+        return None
+    return (min if mode == "min" else max)(ok, key=lambda r: r.objective)
 
 
 def _g(value) -> str:

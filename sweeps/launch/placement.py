@@ -27,6 +27,9 @@ from typing import Any
 from sweeps.spec import SweepSpec, trial_config
 from trainer.config import TrainConfig
 from trainer.errors import UserError
+from trainer.methods import METHODS
+
+# ray and trainer.memory (torch) are imported inside the functions that need them: --dry-run plans without either
 
 FILL = 0.9  # of a GPU's memory the packed trials may use together; the rest is for fragmentation and other users
 MARGIN = 1.25  # each trial may allocate this x its estimate (the estimate is checked within 25%: BENCHMARKS.md)
@@ -173,8 +176,6 @@ def trial_resources(spec: SweepSpec, nodes: list[Node]) -> TrialResources:
 def largest_trials(spec: SweepSpec, placer: TrialResources) -> dict[str, TrainConfig]:
     """Per method, the trial of the space that needs the most memory (over the dimensions that change it); the base
     settings for a method whose share does not depend on them."""
-    from trainer.methods import METHODS
-
     dims = {k: list(dict.fromkeys(corner[k] for _, corner in spec.space[k].corners(k))) for k in _MEMORY_KEYS
             if k in spec.space}
     out = {}
