@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from trainer.errors import invoked_as
+
 
 # Each command imports its module when it runs, so `finetune --help` and a report load neither torch nor Ray.
 def _sweep(argv: list[str]) -> int:
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         commands.add_parser(name, help=words, add_help=False)
     args, rest = parser.parse_known_args(argv)
     run, _ = COMMANDS[args.command]
+    invoked_as(f"finetune {args.command}")
     return run(rest)
 
 

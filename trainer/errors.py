@@ -4,7 +4,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from functools import wraps
-from pathlib import Path
 
 
 class UserError(Exception):
@@ -34,7 +33,14 @@ def cli_errors(main: Callable[..., int | None]) -> Callable[..., int]:
     return wrapper
 
 
+_INVOKED_AS: list[str] = []  # set by the ``finetune`` command: "finetune sweep", ...
+
+
+def invoked_as(command: str) -> None:
+    """Record the command a user typed (``finetune train``), for the usage lines of the parser it dispatches to."""
+    _INVOKED_AS[:] = [command]
+
+
 def prog_name(as_file: str) -> str:
-    """The usage line's command: the installed one (``finetune-sweep``) when run so, else ``as_file``."""
-    name = Path(sys.argv[0]).name
-    return name if name.startswith("finetune-") else as_file
+    """The usage line's command: the one typed (``finetune train``) when run through ``finetune``, else ``as_file``."""
+    return _INVOKED_AS[0] if _INVOKED_AS else as_file

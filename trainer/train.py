@@ -4,7 +4,7 @@
     python -m trainer.train CONFIG.yaml method=lora learning_rate=3e-4 output_dir=runs/lora
 
 CONFIG.yaml holds TrainConfig fields (see trainer/config.py); ``best.yaml`` from
-``scripts/export_best.py`` is such a file. Exit code 2 on bad input.
+``finetune export`` writes such a file. Exit code 2 on bad input.
 """
 from __future__ import annotations
 
