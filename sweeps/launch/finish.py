@@ -127,7 +127,7 @@ def pareto_ids(records: list[TrialRecord], spec: SweepSpec) -> set[str]:
 def ui_command(uri: str) -> str:
     if uri.startswith("http"):
         return f"open {uri} in a browser"
-    serve = Path(__file__).resolve().parents[1] / "mlflow" / "serve"
+    serve = Path(__file__).resolve().parents[2] / "mlflow" / "serve"
     try:  # a sweep run from the user's own folder still gets a command that works there
         serve = serve.relative_to(Path.cwd())
     except ValueError:

@@ -76,18 +76,21 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
     configure_client_timeouts()
     uri = tracking_uri(spec)
     tracker = Tracker(uri, spec.tracking.experiment or spec.name, sweep_dir, _artifact_root(spec, uri))
-    parent = _parent_run(spec, tracker)
-    writer = MlflowWriter(tracker, spec.name)
     print(f"sweep {spec.name}: {'resuming' if resume else 'starting'} in {sweep_dir}", flush=True)
     print(f"mlflow: {uri} (experiment {tracker.experiment!r})", flush=True)
-
-    tuner, n_total = _tuner(spec, sweep_dir, writer, resume, placer)
     from sweeps.launch.budget import TimeBudget
 
-    t0 = time.time()
-    with TimeBudget(spec.search.time_budget_s) as budget:  # counted, as Ray's own, from the start of the trials
-        tuner.fit()  # results are read back from the sweep folder (collect_records), which survives a resume
-    wall = time.time() - t0
+    with ThreadPoolExecutor(1) as pool:
+        # the parent run is created (a new store: about 2 s) while Tune starts; the writer waits for it at its
+        # first event, so every trial's run is still created under it
+        parent_made = pool.submit(_parent_run, spec, tracker)
+        writer = MlflowWriter(tracker, spec.name, ready=parent_made)
+        tuner, n_total = _tuner(spec, sweep_dir, writer, resume, placer)
+        t0 = time.time()
+        with TimeBudget(spec.search.time_budget_s) as budget:  # counted, as Ray's own, from the start of the trials
+            tuner.fit()  # results are read back from the sweep folder (collect_records), which survives a resume
+        wall = time.time() - t0
+        parent = parent_made.result()
 
     from sweeps.launch.finish import finish_sweep
     from sweeps.results.collect import collect_records
@@ -251,7 +254,7 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, writer, resume: bool, placer):
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig
 
     from sweeps.launch.folder import MachineFaults, TrialFiles
-    from sweeps.launch.progress import ProgressPrinter
+    from sweeps.launch.progress import ProgressPrinter, WarmReport
     from sweeps.launch.pruning import PruningSearch, make_pruner
     from sweeps.launch.space import DefineByRun, GridSpace, make_sampler, n_trials
     from sweeps.launch.trial import run_trial
@@ -301,7 +304,7 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, writer, resume: bool, placer):
                                reuse_actors=True),
         run_config=RunConfig(
             name=spec.name, storage_path=str(sweep_dir.parent), stop=bridge,
-            callbacks=[MachineFaults(), TrialFiles(), writer, progress],  # the files first, in the sweep folder
+            callbacks=[MachineFaults(), TrialFiles(), writer, progress, WarmReport()],  # the files first, in the sweep folder
             failure_config=FailureConfig(max_failures=spec.failure.max_retries),
             checkpoint_config=CheckpointConfig(num_to_keep=1), verbose=0,
         ),

@@ -299,15 +299,23 @@ class Tracker:
 class MlflowWriter(Callback):
     """Ray Tune callback (driver side) that turns trial events into MLflow operations."""
 
-    def __init__(self, tracker: Tracker, sweep: str, flush_every: int = 4):
-        self.tracker, self.sweep, self.flush_every = tracker, sweep, flush_every
+    def __init__(self, tracker: Tracker, sweep: str, flush_every: int = 4, ready=None):
+        """``ready``: a future of the sweep's parent run, awaited before the first operation (runs go under it)."""
+        self._tracker, self.sweep, self.flush_every, self._ready = tracker, sweep, flush_every, ready
         self._buffers: dict[str, list] = {}
         # trials whose l0 point this process has buffered: while MLflow is down their points are queued, so
         # tracker.last_step stays -1 and, without this, every emptied buffer took the l0 point again
         self._l0_buffered: set[str] = set()
 
     def __getstate__(self) -> dict:  # points still buffered are not kept: neither is the note that l0 was among them
-        return {**self.__dict__, "_buffers": {}, "_l0_buffered": set()}
+        return {**self.__dict__, "_buffers": {}, "_l0_buffered": set(), "_ready": None}
+
+    @property
+    def tracker(self) -> Tracker:
+        if self._ready is not None:  # the parent run is being created in another thread: wait for it once
+            self._ready.result()
+            self._ready = None
+        return self._tracker
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._create(trial)
