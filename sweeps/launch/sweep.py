@@ -13,13 +13,51 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sweeps.faults import atomic_write
-from sweeps.spec import SweepSpec
-from trainer.errors import UserError
-from trainer.methods import EXTENSIONS_ENV
+# Ray's own console output: its table prints every internal key and TensorBoard warnings; ours is
+# sweeps.launch.progress. Ray reads these when it is first imported, so they are set before the imports below.
+_QUIET_RAY = {
+    "RAY_AIR_NEW_OUTPUT": "0",
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # result.json: sweeps.launch.folder writes it; no TensorBoard/CSV
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # not "Creating initial MLflow database tables..."
+    "TUNE_PRINT_ALL_TRIAL_ERRORS": "0",  # a failed trial is one line (sweeps.launch.progress); its traceback is in error.txt
+}
+for _key, _value in _QUIET_RAY.items():
+    os.environ.setdefault(_key, _value)
 
-# Ray, Optuna, MLflow, torch and the launch modules (which import Ray) are imported inside the functions, after
-# run_sweep has put _QUIET_RAY in the environment: Ray reads it when it is first imported.
+import optuna  # noqa: E402
+import ray  # noqa: E402
+from ray import tune  # noqa: E402
+from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig  # noqa: E402
+
+from sweeps.faults import Incomplete, atomic_write  # noqa: E402
+from sweeps.launch.budget import TimeBudget  # noqa: E402
+from sweeps.launch.folder import MachineFaults, TrialFiles  # noqa: E402
+from sweeps.launch.placement import (  # noqa: E402
+    ignored_gpus_warning,
+    largest_trials,
+    plan_lines,
+    ray_nodes,
+    trial_resources,
+)
+from sweeps.launch.progress import ProgressPrinter, WarmReport  # noqa: E402
+from sweeps.launch.pruning import PruningSearch, make_pruner, search_finished  # noqa: E402
+from sweeps.launch.refine import Refiner  # noqa: E402
+from sweeps.launch.resume import ended_trials, keep_restorable  # noqa: E402
+from sweeps.launch.space import DefineByRun, GridSpace, make_sampler, max_refinement, n_trials  # noqa: E402
+from sweeps.launch.tracking import MlflowWriter, Tracker, configure_client_timeouts  # noqa: E402
+from sweeps.launch.trial import run_trial  # noqa: E402
+from sweeps.results.collect import collect_records  # noqa: E402
+from sweeps.spec import SweepSpec  # noqa: E402
+from trainer.config import eval_size_warning  # noqa: E402
+from trainer.errors import UserError  # noqa: E402
+from trainer.methods import EXTENSIONS_ENV, check_method_supports  # noqa: E402
+from trainer.outputs import provenance  # noqa: E402
+
+# Kept inside functions, on purpose: torch and transformers (trainer.data, trainer.models) are imported by the
+# preflight, in its thread, while Ray starts; matplotlib and the report (sweeps.launch.finish) once a slot idles at
+# the sweep's tail (sweeps.launch.progress.WarmReport), not at start.
 
 log = logging.getLogger(__name__)
 
@@ -33,35 +71,20 @@ def tracking_uri(spec: SweepSpec) -> str:
     return f"sqlite:///{Path(spec.output_dir).resolve() / 'mlflow.db'}"
 
 
-# Ray's own console output: its table prints every internal key and TensorBoard warnings; ours is sweeps.launch.progress.
-_QUIET_RAY = {
-    "RAY_AIR_NEW_OUTPUT": "0",
-    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # result.json: sweeps.launch.folder writes it; no TensorBoard/CSV
-    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
-    "RAY_DEDUP_LOGS": "0",
-    "MLFLOW_LOGGING_LEVEL": "WARNING",  # not "Creating initial MLflow database tables..."
-    "TUNE_PRINT_ALL_TRIAL_ERRORS": "0",  # a failed trial is one line (sweeps.launch.progress); its traceback is in error.txt
-}
 
 
 def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = None) -> Path:
     """Run (or resume) the sweep; returns its folder. Raises UserError for bad input before any trial starts."""
-    for key, value in _QUIET_RAY.items():
-        os.environ.setdefault(key, value)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     sweep_dir = spec.sweep_dir()
     resume = _check_resume(spec, sweep_dir, resume)
-    import ray  # here, not in the preflight's thread: the two threads then import disjoint packages
-
     with ThreadPoolExecutor(1) as pool:  # the data and model are read while Ray starts (its processes do the work)
         checked = pool.submit(_preflight_data, spec)
         try:
             connected = _init_ray(spec, address)
         finally:
             checked.result()  # bad input: its UserError, whatever Ray did
-    from sweeps.launch.placement import ignored_gpus_warning, plan_lines, ray_nodes, trial_resources
-
     nodes = ray_nodes()
     placer = trial_resources(spec, nodes)
     _check_resources(spec, placer, nodes)
@@ -71,14 +94,11 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
     sweep_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(sweep_dir / "spec.json", json.dumps({"digest": spec.digest(), "spec": spec.model_dump(mode="json")}, indent=1))
 
-    from sweeps.launch.tracking import MlflowWriter, Tracker, configure_client_timeouts
-
     configure_client_timeouts()
     uri = tracking_uri(spec)
     tracker = Tracker(uri, spec.tracking.experiment or spec.name, sweep_dir, _artifact_root(spec, uri))
     print(f"sweep {spec.name}: {'resuming' if resume else 'starting'} in {sweep_dir}", flush=True)
     print(f"mlflow: {uri} (experiment {tracker.experiment!r})", flush=True)
-    from sweeps.launch.budget import TimeBudget
 
     with ThreadPoolExecutor(1) as pool:
         # the parent run is created (a new store: about 2 s) while Tune starts; the writer waits for it at its
@@ -93,7 +113,6 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
         parent = parent_made.result()
 
     from sweeps.launch.finish import finish_sweep
-    from sweeps.results.collect import collect_records
 
     records = collect_records(sweep_dir)
     finished = len([r for r in records if r.final.get("done") or r.error or r.stopped_by])
@@ -102,8 +121,6 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
             pool.submit(ray.shutdown)
         left = finish_sweep(spec, sweep_dir, records, tracker, parent, wall_s=wall)
     if spec.search.refine:  # the searcher ends a refining sweep: it is complete when it said so
-        from sweeps.launch.pruning import search_finished
-
         stopped_early = budget.expired or not search_finished(spec.name)
     else:
         stopped_early = finished < n_total
@@ -113,8 +130,6 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
               "continue it with:\n"
               f"  python sweeps/run.py {spec.source} --resume", flush=True)
     if left:  # the sweep's last line: MLflow does not have all of it yet
-        from sweeps.faults import Incomplete
-
         raise Incomplete(f"mlflow: {left} operation(s) could not be written to {tracker.uri} ({tracker.why}); they "
                          f"are kept in {sweep_dir / 'mlflow_pending.jsonl'}. Replay them with: "
                          f"python sweeps/run.py {spec.source} --resume")
@@ -152,8 +167,6 @@ def _preflight_data(spec: SweepSpec) -> None:
     except UserError as exc:
         raise UserError(f"{spec.source}: data.eval: {exc}") from None
     print(f"{base.eval_plan()}: {len(ev)} eval records, {len(train_part)} training records", flush=True)
-    from trainer.config import eval_size_warning
-
     if eval_size_warning(len(ev)):
         print(eval_size_warning(len(ev)), flush=True)
     try:
@@ -161,8 +174,6 @@ def _preflight_data(spec: SweepSpec) -> None:
     except UserError as exc:
         raise UserError(f"{spec.source}: {exc}") from None
     tokenize(train[:1] + ev[:1], load_tokenizer(model_dir), 4096)
-    from trainer.methods import check_method_supports
-
     try:  # a method that cannot tune this model fails here, not as a traceback in each of its trials
         check_method_supports(spec.methods, model_dir, model_label=spec.model, trust_remote_code=base.trust_remote_code)
     except UserError as exc:
@@ -171,8 +182,6 @@ def _preflight_data(spec: SweepSpec) -> None:
 
 def _init_ray(spec: SweepSpec, address: str | None) -> bool:
     """Start a local Ray instance, or join the cluster at ``address``; False when Ray was already up (a caller's)."""
-    import ray
-
     address = address or os.environ.get("RAY_ADDRESS")
     # EXTENSIONS_ENV: every worker imports the same method modules as this driver (trainer.methods)
     env = {k: os.environ[k] for k in ("FINETUNE_SWEEPS_CACHE", "RAY_AUTH_MODE", EXTENSIONS_ENV) if k in os.environ}
@@ -214,8 +223,6 @@ def _check_reachable(address: str) -> None:
 
 def _check_resources(spec: SweepSpec, placer, nodes) -> None:
     """Every method's largest trial fits on some node (CPUs and GPU share), before any trial starts."""
-    from sweeps.launch.placement import largest_trials
-
     for method, cfg in largest_trials(spec, placer).items():
         share = placer.share(cfg)
         if not any(n.cpus >= share.cpu and n.gpus >= share.gpu for n in nodes):
@@ -232,8 +239,6 @@ def _artifact_root(spec: SweepSpec, uri: str) -> str | None:
 
 
 def _parent_run(spec: SweepSpec, tracker) -> str | None:
-    from trainer.outputs import provenance
-
     prov = provenance()
     tags = {"sweep": spec.name, "spec_digest": spec.digest(), "git_sha": prov["git_sha"] or "unknown",
             **{f"version.{k}": v for k, v in prov["versions"].items()}, "role": "sweep",
@@ -249,28 +254,16 @@ def _parent_run(spec: SweepSpec, tracker) -> str | None:
 
 
 def _tuner(spec: SweepSpec, sweep_dir: Path, writer, resume: bool, placer):
-    import optuna
-    from ray import tune
-    from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig
-
-    from sweeps.launch.folder import MachineFaults, TrialFiles
-    from sweeps.launch.progress import ProgressPrinter, WarmReport
-    from sweeps.launch.pruning import PruningSearch, make_pruner
-    from sweeps.launch.space import DefineByRun, GridSpace, make_sampler, n_trials
-    from sweeps.launch.trial import run_trial
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     base = spec.base
     total_examples = base.max_steps * base.examples_per_step if base.max_steps else None
     if total_examples is None:
-        from trainer.data import run_records
+        from trainer.data import run_records  # torch: imported by now (the preflight)
 
         total_examples = math.ceil(base.epochs * len(run_records(base)[0]))  # after the held-out split
     failure = spec.failure
     ended = {}
     if resume:  # what a hard kill left Ray's saved state without (sweeps.launch.resume)
-        from sweeps.launch.resume import ended_trials, keep_restorable
-
         ended = ended_trials(sweep_dir)
         keep_restorable(sweep_dir, ended)
     trainable = tune.with_parameters(
@@ -281,9 +274,6 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, writer, resume: bool, placer):
     n_total = n_trials(spec)
     refiner, n_refine = None, 0
     if spec.search.refine:
-        from sweeps.launch.refine import Refiner
-        from sweeps.launch.space import max_refinement
-
         refiner, n_refine = Refiner(spec, n_total), max_refinement(spec, n_total)
     storage = optuna.storages.RDBStorage(f"sqlite:///{sweep_dir / 'optuna.db'}")
     space = GridSpace(spec) if spec.search.algorithm == "grid" else DefineByRun(spec)
