@@ -53,6 +53,8 @@ def run_trial(
         cfg = cfg.model_copy(update={"threads": threads})
     gpu = _gpu_placement(cfg)
 
+    # torch and transformers: imported in the worker when its first trial starts; the driver, which imports this
+    # module, gets them in the preflight's thread while Ray starts (sweeps.launch.sweep)
     from trainer.loop import train
     from trainer.quiet import quiet_libraries
 
