@@ -26,6 +26,12 @@ def parser(doc: str) -> argparse.ArgumentParser:
     return p
 
 
+def options(p: argparse.ArgumentParser, **defaults) -> None:
+    """``--name`` options, each typed by its default."""
+    for name, default in defaults.items():
+        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
+
+
 def _sh(*cmd: str) -> str:
     try:
         return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
@@ -46,8 +52,9 @@ def cpus() -> int:
 class Report:
     """Prints each line as it comes, and keeps --out's markdown up to date; ``save`` writes the figures (.json)."""
 
-    def __init__(self, script: str, argv: list[str], quick: bool, out: str | None = None):
+    def __init__(self, script: str, argv: list[str] | None, quick: bool, out: str | None = None):
         self.lines: list[str] = []
+        argv = sys.argv[1:] if argv is None else argv
         self.out = Path(out) if out else None
         cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                     if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()

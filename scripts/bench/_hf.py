@@ -65,3 +65,27 @@ def model_init(cfg):
     from trainer.models import load_model
     model, _ = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     return get_method(cfg.method).prepare(model, cfg)
+
+
+def search(base, cfg_of, n_trials: int, cadence: bool = True, callbacks=(), **search_kw) -> float:
+    """``Trainer.hyperparameter_search`` (optuna, lowest ``eval_loss``) over our data, each trial's model and arguments from
+    ``cfg_of(trial)`` (``base`` for Trainer's own call); evaluates in one batch of the whole eval set, as ours (16 at most).
+    Returns the time the search began (after the tokenizer, the data and Trainer's own model_init)."""
+    import tempfile
+    import time
+
+    from transformers import PrinterCallback, Trainer
+
+    from trainer.models import load_tokenizer, resolve_model_dir
+    tokenizer = load_tokenizer(resolve_model_dir(base.model))
+    train_ds, eval_ds = data(base, tokenizer)
+    with tempfile.TemporaryDirectory(prefix="bench-hf-search-") as tmp:
+        targs = training_args(base, len(train_ds), tmp, cadence, per_device_eval_batch_size=len(eval_ds), logging_strategy="no")
+        trainer = Trainer(model_init=lambda trial: model_init(cfg_of(trial) if trial is not None else base), args=targs,
+                          train_dataset=train_ds, eval_dataset=eval_ds, data_collator=PadCollator(tokenizer.pad_token_id),
+                          callbacks=list(callbacks))
+        trainer.remove_callback(PrinterCallback)  # it prints log dicts on stdout, where a child's answer goes
+        begin = time.time()
+        trainer.hyperparameter_search(hp_space=lambda trial: hf_fields(cfg_of(trial), len(train_ds), cadence), n_trials=n_trials,
+                                      compute_objective=lambda m: m["eval_loss"], direction="minimize", backend="optuna", **search_kw)
+    return begin

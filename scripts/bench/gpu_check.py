@@ -26,12 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: this checkout's packages
 
-from scripts.bench._harness import ROOT, Report, answer, child, fmt, gpus, parser, run_sweep, spread, warm_store
+from scripts.bench._harness import ROOT, Report, answer, child, fmt, gpus, options, parser, run_sweep, spread, warm_store
 
 HEADER_A = ["row", "resources", "runs", "wall s", "trials completed / run", "completed trials/hour", "mean GPU busy %",
             "most trials at once", "GPU share a trial", "largest peak GiB", "its estimate GiB"]
-HEADER_B = ["model", "method", "optimizer", "status", "estimate GiB", "measured peak GiB", "peak / estimate",
-            "tokens/s after step 1", "s/step after step 1", "torchtune, Llama-3.1-8B, 1 GPU"]
 A_OVERRIDES = ["search.refine=null", "space.batch_size=[8]", "tracking.experiment=gpu-check"]  # 12 trials, the same in both rows
 A_QUICK = ["space.method=[lora]", "data.train=builtin:facts:8", "train.epochs=1", "train.memorization=false",
            "train.forgetting=false", "train.eval_every=8", "failure.checkpoint_every=0", "tracking.experiment=gpu-check"]
@@ -124,21 +122,17 @@ def part_a(args, rep: Report, on_gpu: bool, end: float) -> dict:
     table, per_hour = [], {}
     for row, (asks, _) in rows.items():
         done = [r for r in runs if r["row"] == row and "error" not in r]
-        if not done:
-            table.append([row, asks, 0] + ["n/a"] * 8)
-            continue
         per_hour[row] = [r["per_hour"] for r in done]
-        at_once = sorted({r["at_once"] for r in done if r["at_once"]})
-        table.append([row, asks, len(done), spread([r["wall_s"] for r in done]), f"{min(r['completed'] for r in done)} of "
-                      f"{max(r['trials'] for r in done)}", spread(per_hour[row], 0), spread([r["gpu_busy"] for r in done], 0),
-                      "-".join(map(str, sorted({at_once[0], at_once[-1]}))) if at_once else "n/a",
-                      ", ".join(f"{s:g}" for s in sorted({s for r in done for s in r["shares"]})) or "-",
+        at_once = sorted({r["at_once"] for r in done if r["at_once"]}) or ["n/a"]
+        table.append([row, asks, len(done), spread([r["wall_s"] for r in done]), f"{min((r['completed'] for r in done), default=0)} of "
+                      f"{max((r['trials'] for r in done), default=0)}", spread(per_hour[row], 0), spread([r["gpu_busy"] for r in done], 0),
+                      "-".join(map(str, sorted({at_once[0], at_once[-1]}))), ", ".join(f"{x:g}" for x in sorted({x for r in done for x in r["shares"]})) or "-",
                       spread([r["peak_gib"] for r in done], 2), spread([r["estimate_gib"] for r in done], 2)])
     rep.table(HEADER_A, table, "median (min-max) over the repeats:")
     first, second = rows
-    if len(per_hour) == 2:
-        pairs = [a["per_hour"] / b["per_hour"] for a in runs for b in runs if a["repeat"] == b["repeat"] and a["row"] == first
-                 and b["row"] == second and "error" not in a and "error" not in b]
+    pairs = [a["per_hour"] / b["per_hour"] for a in runs for b in runs if a["repeat"] == b["repeat"] and a["row"] == first
+             and b["row"] == second and "error" not in a and "error" not in b]
+    if pairs:
         rep(f"{first} / {second}, completed trials per hour: **{statistics.median(per_hour[first]) / statistics.median(per_hour[second]):.2f}x**"
             f" (per repeat {min(pairs):.2f}x-{max(pairs):.2f}x)")
     return {"runs": runs, "overrides": base}
@@ -161,42 +155,40 @@ def write_data(folder: Path, tokenizer, seq_len: int, n: int) -> tuple[str, str]
 
 
 def build(payload: dict) -> dict:
-    """(A child process.) A random-init bf16 model from a config, saved with SmolLM2's tokenizer (vocabulary as published)."""
+    """(A child process.) A random-init bf16 model from a config, saved with SmolLM2's tokenizer (the vocabulary as published)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
     from trainer.models import ensure_preset, load_tokenizer
     tok = load_tokenizer(ensure_preset("smollm2-135m"))
-    config = (AutoConfig.from_pretrained(ensure_preset(payload["preset"]), local_files_only=True) if payload.get("preset") else
+    config = (AutoConfig.from_pretrained(ensure_preset("tiny"), local_files_only=True) if payload["dims"] is None else
               LlamaConfig(**payload["dims"], max_position_embeddings=131072, bos_token_id=tok.bos_token_id,
                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
     torch.manual_seed(0)
-    with torch.device("cuda" if payload["device"] == "cuda" else "cpu"):
+    with torch.device(payload["device"]):  # random init of 8B parameters: seconds on a GPU, minutes on a CPU
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(payload["dir"])
     tok.save_pretrained(payload["dir"])
     return {"params": sum(p.numel() for p in model.parameters())}
 
 
-def train_row(cfg: dict) -> dict:
+def train_row(payload: dict) -> dict:
     """(A child process.) One run: status, peak memory, tokens/s and s/step after step 1 (the trainer's per-step reports)."""
     from trainer.config import TrainConfig
     from trainer.loop import train
+    cfg = TrainConfig(**payload)
     reports: list[dict] = []
-    result = train(TrainConfig(**cfg), lambda m, checkpoint=None: reports.append(dict(m)))
+    result = train(cfg, lambda m, checkpoint=None: reports.append(dict(m)))
     steps = [r for r in reports if r.get("step") is not None]
     dts = [(b["train_time_s"] - a["train_time_s"], b["tokens_per_s"]) for a, b in zip(steps, steps[1:])]
     seconds = sum(dt for dt, _ in dts)
-    return {"status": result.status, "reason": result.reason, "peak_gib": max((r["peak_mem_gib"] for r in reports
-                                                                               if r.get("peak_mem_gib")), default=None),
-            "tokens_per_s": sum(dt * v for dt, v in dts) / seconds if seconds else None,
-            "s_per_step": seconds / (steps[-1]["step"] - steps[0]["step"]) if seconds else None}
+    return {"status": result.status, "reason": result.reason, "s_per_step": seconds / (len(steps) - 1) if seconds else None,
+            "peak_gib": max((r["peak_mem_gib"] for r in reports if r.get("peak_mem_gib")), default=None),
+            "tokens_per_s": sum(dt * v for dt, v in dts) / seconds if seconds else None}
 
 
 def _call(args, fn, payload: dict, end: float) -> dict:
-    """``fn(payload)`` in a fresh process (its own peak; an out-of-memory ends only it); --quick: here, to save the starts."""
-    flag = "--build" if fn is build else "--row"
-    return fn(payload) if args.quick else child(__file__, [flag, json.dumps(payload)], max(end - time.time(), 1))
+    return fn(payload) if args.quick else child(__file__, [f"--{fn.__name__}", json.dumps(payload)], max(end - time.time(), 1))
 
 
 def part_b(args, rep: Report, on_gpu: bool, end: float) -> dict:
@@ -209,70 +201,61 @@ def part_b(args, rep: Report, on_gpu: bool, end: float) -> dict:
     device, gpu_gib = ("cuda", gpus()[0]["memory_gib"]) if on_gpu else ("cpu", None)
     rep("", f"## Part B: real sizes (bf16, gradient checkpointing, batch {args.batch_size} x {args.seq_len}, {args.steps} steps, {device})", "")
     rows = []
-    with tempfile.TemporaryDirectory(prefix="gpu-check-b-", dir=args.work_dir) as tmp_name:
+    with tempfile.TemporaryDirectory(prefix="gpu-check-b-") as tmp_name:
         tmp = Path(tmp_name)
         train_path, eval_path = write_data(tmp, load_tokenizer(ensure_preset("smollm2-135m")), args.seq_len, args.steps * args.batch_size + 2)
         base = dict(dtype="bfloat16", gradient_checkpointing=True, device=device, batch_size=args.batch_size, seq_len=args.seq_len,
                     max_steps=args.steps, learning_rate=1e-5, warmup_ratio=0.0, scheduler="constant", report_every=args.batch_size,
                     eval_every=None, memorization=False, forgetting=False, weight_change=False, train_data=train_path,
                     eval_data=eval_path, save_model=False, seed=0)
-        plan = [("tiny", {"preset": "tiny"}, B_ROWS)] if args.quick else [
-            (m, {"dims": LLAMA[m]}, B_ROWS + ([B_8BIT] if m == "llama-3.1-8b" else [])) for m in args.models.split(",")]
-        for model, how, labels in plan:
-            folder = tmp / model
-            try:
-                params = _call(args, build, {**how, "dir": str(folder), "device": device}, end)["params"]
-                rep(f"{model}: {params / 1e9:.2f} B parameters")
-            except Exception as exc:  # a model that cannot be built (memory, time) must not stop the others
+        plan = [("tiny", None, B_ROWS)] if args.quick else [
+            (m, LLAMA[m], B_ROWS + ([B_8BIT] if m == "llama-3.1-8b" else [])) for m in args.models.split(",")]
+        for model, dims, labels in plan:
+            try:  # a fresh process each, for its own peak: an out-of-memory or a timeout ends that step only (--quick: here)
+                built = _call(args, build, {"dims": dims, "dir": str(tmp / model), "device": device}, end)
+                rep(f"{model}: {built['params'] / 1e6:,.0f} M parameters")
+            except Exception as exc:
                 rows += [{"model": model, "label": lb, "settings": st, "status": f"not built: {str(exc)[-200:]}"} for lb, st in labels]
                 continue
             for label, settings in labels:
-                cfg = TrainConfig(model=str(folder), **base, **settings)
-                est = estimate(cfg, device=device).total_gib
-                row = {"model": model, "label": label, "settings": settings, "estimate_gib": est}
-                if gpu_gib and est > gpu_gib and not args.try_all:
-                    row["status"] = f"skipped: estimate {est:.1f} GiB > the GPU's {gpu_gib:.1f}"
+                cfg = TrainConfig(model=str(tmp / model), **base, **settings)
+                row = {"model": model, "label": label, "settings": settings, "estimate_gib": estimate(cfg, device=device).total_gib}
+                if gpu_gib and row["estimate_gib"] > gpu_gib:
+                    row["status"] = f"skipped: estimate {row['estimate_gib']:.1f} GiB > the GPU's {gpu_gib:.1f}"
                 elif end - time.time() < 30:
                     row["status"] = "not run: --budget-s spent"
                 else:
                     try:
                         row.update(_call(args, train_row, cfg.model_dump(mode="json"), end))
-                    except Exception as exc:  # an out-of-memory or a timeout ends that row only
+                    except Exception as exc:
                         row["status"] = f"crashed: {str(exc).strip().splitlines()[-1][:200]}"
                 rows.append(row)
-            shutil.rmtree(folder, ignore_errors=True)  # 16 GB for the 8B: one model on disk at a time
-    rep.table(HEADER_B, [[r["model"], r["label"], r["settings"].get("optimizer", "adamw"), r["status"], fmt(r.get("estimate_gib"), 2),
-                          fmt(r.get("peak_gib"), 2), f"{r['peak_gib'] / r['estimate_gib']:.2f}" if r.get("peak_gib") and r.get("estimate_gib")
-                          else "n/a", fmt(r.get("tokens_per_s"), 0), fmt(r.get("s_per_step"), 3),
-                          TORCHTUNE.get(r["label"], "-") if r["model"] == "llama-3.1-8b" else "-"] for r in rows])
-    rep("torchtune: torch.compile, chunked cross-entropy, and its full fine-tune with paged 8-bit AdamW in the backward pass; "
+            shutil.rmtree(tmp / model, ignore_errors=True)  # 16 GB for the 8B: one model on disk at a time
+    rep.table(["model", "method", "optimizer", "status", "estimate GiB", "measured peak GiB", "peak / estimate", "tokens/s after step 1",
+               "s/step after step 1", "torchtune, Llama-3.1-8B, 1 GPU"],
+              [[r["model"], r["label"], r["settings"].get("optimizer", "adamw"), r["status"], fmt(r.get("estimate_gib"), 2),
+                fmt(r.get("peak_gib"), 2), f"{r['peak_gib'] / r['estimate_gib']:.2f}" if r.get("peak_gib") else "n/a",
+                fmt(r.get("tokens_per_s"), 0), fmt(r.get("s_per_step"), 3), TORCHTUNE.get(r["label"], "-") if "8b" in r["model"] else "-"]
+               for r in rows])
+    rep("torchtune: torch.compile, chunked cross-entropy, and for full fine-tuning paged 8-bit AdamW stepped in the backward pass; "
         "ours: none of these (the whole float32 logits)")
     return {"rows": rows, "device": device}
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     p = parser(__doc__)
     p.add_argument("--part", choices=("a", "b", "both"), default="both", help="with both, part B runs first")
     p.add_argument("--budget-s", type=float, help="no repeat, row or build starts that would not end in time")
-    p.add_argument("--spec", default="search_spaces/lr.yaml")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="part A: for both rows")
-    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-warmup", dest="warmup", action="store_false")
-    p.add_argument("--seed", type=int, default=0, help="part A: the rows' shuffled order")
-    p.add_argument("--models", default="llama-3.2-1b,llama-3.1-8b")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--try-all", action="store_true", help="part B: also rows whose estimate exceeds the GPU's memory")
-    p.add_argument("--work-dir", help="part B: where the models are saved (16 GB for the 8B)")
-    p.add_argument("--row", help=argparse.SUPPRESS)
+    options(p, spec="search_spaces/lr.yaml", repeats=3, seed=0, models="llama-3.2-1b,llama-3.1-8b", batch_size=2, seq_len=2048, steps=6)
+    p.add_argument("--train_row", help=argparse.SUPPRESS)
     p.add_argument("--build", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.row or args.build:
+    if args.train_row or args.build:
         from trainer.quiet import quiet_libraries
         quiet_libraries()
-        return answer(train_row(json.loads(args.row)) if args.row else build(json.loads(args.build)))
+        return answer(train_row(json.loads(args.train_row)) if args.train_row else build(json.loads(args.build)))
     if args.quick:
         args.spec, args.repeats, args.warmup, args.batch_size, args.seq_len, args.steps = "search_spaces/smoke.yaml", 1, False, 2, 128, 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: the models are built here

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: this checkout's packages
 
-from scripts.bench._harness import Report, answer, child, parser
+from scripts.bench._harness import Report, answer, child, options, parser
 
 MIB = 1024**2
 HEADER = ["model", "method", "dtype", "checkpointing", "batch x seq", "estimate MiB", "measured MiB", "ratio", "estimated peak",
@@ -134,13 +134,8 @@ def _rows(rows: list[dict]) -> list[list]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     p = parser(__doc__)
-    p.add_argument("--models", default="tiny,smollm2-135m")
-    p.add_argument("--methods", default="full,lora,last_layer")
-    p.add_argument("--dtypes", default="float32")
-    p.add_argument("--checkpointing", default="off,on")
-    p.add_argument("--jobs", type=int, default=1, help="rows measured at once, each its own process (--quick: 2)")
+    options(p, models="tiny,smollm2-135m", methods="full,lora,last_layer", dtypes="float32", checkpointing="off,on", jobs=1)
     p.add_argument("--no-blocks", action="store_true", help="skip the one-step rows of the small-vocabulary model")
     p.add_argument("--one", nargs=7, help=argparse.SUPPRESS)
     p.add_argument("--blocks", action="store_true", help=argparse.SUPPRESS)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: this checkout's packages
 
-from scripts.bench._harness import Report, fmt, parser, spread
+from scripts.bench._harness import Report, fmt, options, parser, spread
 
 KEYS = ("train_loss", "train_loss_ema", "eval_loss", "grad_norm", "lr")  # what a trial reports
 LIMIT = 1000  # metrics per log_batch call (the REST limit)
@@ -110,12 +110,8 @@ def bench_ui(base: str, experiment: str, children: list[str], trials: int, point
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     p = parser(__doc__)
-    p.add_argument("--points", type=int, default=2000)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--trials", type=int, default=100)
-    p.add_argument("--points-per-trial", type=int, default=200)
+    options(p, points=2000, reps=3, trials=100, points_per_trial=200)
     args = p.parse_args(argv)
     if args.quick:
         args.points, args.reps, args.trials, args.points_per_trial = 500, 1, 10, 50

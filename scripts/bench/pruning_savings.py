@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: this checkout's packages
 
-from scripts.bench._harness import ROOT, Report, fmt, parser, run_sweep
+from scripts.bench._harness import ROOT, Report, fmt, options, parser, run_sweep
 
 BOTH = ["search.refine=null"]  # refinement proposes LRs from each run's own results: the two runs would differ
 # every stop rule off: no Optuna rule, divergence thresholds nothing reaches, no trainer-side smoothed-loss stop
@@ -92,11 +92,9 @@ def measure(dirs: dict[str, Path]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     p = parser(__doc__)
-    p.add_argument("--spec", default="search_spaces/lr.yaml", help="a grid spec")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="one more override for both runs")
-    p.add_argument("--keep", metavar="DIR", help="keep the two sweep folders here (default: a temp folder)")
+    options(p, spec="search_spaces/lr.yaml", keep="")  # keep: a folder for the two sweeps (default: a temp one)
     args = p.parse_args(argv)
     if args.quick:
         args.spec = "search_spaces/smoke.yaml"

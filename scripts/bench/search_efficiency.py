@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: this checkout's packages
 
-from scripts.bench._harness import ROOT, Report, answer, child, fmt, parser, run_sweep
+from scripts.bench._harness import ROOT, Report, answer, child, fmt, options, parser, run_sweep
 
 SEARCHERS = {"ours tpe": "tpe", "ours random": "random", "HF optuna": None}
 
@@ -42,40 +42,21 @@ def run_ours(args, searcher: str, seed: int, out: Path) -> dict:
 
 
 def hf_search(spec_path: str, n_trials: int, seed: int) -> dict:
-    """(In a fresh process.) ``Trainer.hyperparameter_search`` over the sweep's own define-by-run space."""
+    """(In a fresh process.) ``Trainer.hyperparameter_search`` with TPE (seeded) over the sweep's own define-by-run space."""
     import optuna
     import torch
-    from transformers import Trainer
 
     from scripts.bench import _hf
     from sweeps.space import DefineByRun
     from sweeps.spec import load_spec, trial_config
-    from trainer.models import load_tokenizer, resolve_model_dir
     from trainer.quiet import quiet_libraries
     quiet_libraries()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = load_spec(spec_path, [f"search.n_trials={n_trials}", f"search.seed={seed}"])
-    tokenizer = load_tokenizer(resolve_model_dir(spec.base.model))
-    train_ds, eval_ds = _hf.data(spec.base, tokenizer)
-    space = DefineByRun(spec)
-
-    def model_init(trial):
-        if trial is not None:  # transformers 5 calls model_init before hp_space: suggest here (Optuna repeats the values)
-            space(trial)
-        return _hf.model_init(trial_config(spec.base, trial.params if trial is not None else {}))
-
-    def hp_space(trial) -> dict:
-        space(trial)
-        return _hf.hf_fields(trial_config(spec.base, trial.params), len(train_ds), cadence=False)  # one eval, at the end
-
-    storage = optuna.storages.InMemoryStorage()
-    with tempfile.TemporaryDirectory(prefix="bench-hf-search-") as tmp:
-        targs = _hf.training_args(spec.base, len(train_ds), tmp, cadence=False, logging_strategy="no",
-                                  per_device_eval_batch_size=len(eval_ds))  # one batch: the completion-token mean, as ours
-        Trainer(model_init=model_init, args=targs, train_dataset=train_ds, eval_dataset=eval_ds,
-                data_collator=_hf.PadCollator(tokenizer.pad_token_id)).hyperparameter_search(
-            hp_space=hp_space, compute_objective=lambda m: m["eval_loss"], n_trials=n_trials, direction="minimize",
-            backend="optuna", sampler=optuna.samplers.TPESampler(seed=seed), storage=storage, study_name="hf")
+    space, storage = DefineByRun(spec), optuna.storages.InMemoryStorage()
+    # transformers 5 calls model_init before hp_space: both suggest (Optuna repeats a trial's values); one eval, at the end
+    _hf.search(spec.base, lambda trial: space(trial) or trial_config(spec.base, trial.params), n_trials, cadence=False,
+               sampler=optuna.samplers.TPESampler(seed=seed), storage=storage, study_name="hf")
     trials = [{"number": t.number, "params": t.params, "value": t.value if t.value is not None and math.isfinite(t.value) else None}
               for t in sorted(optuna.load_study(study_name="hf", storage=storage).trials, key=lambda t: t.number)]
     return {"trials": trials, "threads": torch.get_num_threads()}
@@ -92,11 +73,8 @@ def best_after(trials: list[dict], k: int) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     p = parser(__doc__)
-    p.add_argument("--spec", default="search_spaces/tpe.yaml")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--trials", type=int, default=16, help="trials per search; best reported after half and after all")
+    options(p, spec="search_spaces/tpe.yaml", seeds="0,1,2", trials=16)  # trials per search: best after half and after all
     p.add_argument("--hf-seed", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.hf_seed is not None:

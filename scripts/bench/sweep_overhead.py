@@ -19,18 +19,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: this checkout's packages
 
-from scripts.bench._harness import ROOT, Report, answer, child, fmt, parser, run_sweep, warm_store
+from scripts.bench._harness import ROOT, Report, answer, child, fmt, options, parser, run_sweep, warm_store
 
 _PROGRESS = re.compile(r"^\[\d+:\d\d\] (\S+)\s+(\S+) ")  # sweeps.progress: "[mm:ss] start   049a12d3 lora lr=..."
 EFF = ["runner", "trials", "slots", "wall s", "training s", "eval s", "training share", "useful share (training + eval)"]
-PARTS = {"training": "training (optimizer steps, `train_time_s`)", "eval": "eval (periodic and final, `eval_time_s`)",
-         "setup": "model load + setup (`setup_time_s`)", "per_trial_start": "per-trial start (Tune starts it -> trainer begins)",
-         "in_trial_other": "in-trial other (reports, checkpoints, weight change)",
-         "idle": "idle slots while Tune runs (scheduling, worker launch, the last trials' tail)",
-         "startup": "start-up before Tune x slots (imports, preflight, Ray init, MLflow run)",
-         "finish": "finish after fit() x slots (classify, report, figures, exit)"}
-MILESTONES = {"ready": "Ray and MLflow up (the `mlflow:` line)", "trial_started": "first trial started by Tune",
-              "trainer_began": "first trainer began (`start_unix`)", "first_step": "first optimizer step done (`first_step_unix`)"}
+PARTS = {"training": "training (optimizer steps)", "eval": "eval (periodic and final)", "setup": "model load + setup",
+         "per_trial_start": "per-trial start (Tune starts it -> trainer begins)", "in_trial_other": "in-trial other (reports, checkpoints)",
+         "idle": "idle slots while Tune runs", "startup": "start-up before Tune x slots", "finish": "finish after fit() x slots"}
+MILESTONES = {"ready": "Ray and MLflow up", "trial_started": "first trial started by Tune", "trainer_began": "first trainer began",
+              "first_step": "first optimizer step done"}
 
 
 def slots_for(spec, n_cpus: int) -> int:
@@ -123,23 +120,17 @@ def hf_search(job: dict) -> dict:
     """(In a fresh process.) Optuna's GridSampler over the trial indexes, each trial to its end (NopPruner)."""
     import optuna
     import torch
-    from transformers import PrinterCallback, Trainer, TrainerCallback
+    from transformers import TrainerCallback
 
     from scripts.bench import _hf
     from sweeps.spec import SweepSpec, trial_config
-    from trainer.models import load_tokenizer, resolve_model_dir
     from trainer.quiet import quiet_libraries
     quiet_libraries()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(job["threads"])
     spec = SweepSpec.model_validate(job["spec"])
-    cfgs = [trial_config(spec.base, c) for c in job["configs"]]
-    tokenizer = load_tokenizer(resolve_model_dir(spec.base.model))
-    train_ds, eval_ds = _hf.data(spec.base, tokenizer)  # the trials vary no data setting (checked by the parent)
+    cfgs = [trial_config(spec.base, c) for c in job["configs"]]  # they vary no data setting (checked by the parent)
     marks = {"train_s": 0.0, "eval_s": 0.0, "first_step_unix": None, "t0": 0.0, "trials": 0}
-
-    def pick(trial):
-        return cfgs[trial.suggest_categorical("trial", list(range(len(cfgs))))] if trial is not None else cfgs[0]
 
     class Times(TrainerCallback):
         def on_train_begin(self, *_a, **_k):
@@ -155,17 +146,10 @@ def hf_search(job: dict) -> dict:
         def on_evaluate(self, args, state, control, metrics=None, **_k):
             marks["eval_s"] += (metrics or {}).get("eval_runtime", 0.0)
 
-    with tempfile.TemporaryDirectory(prefix="bench-overhead-hf-") as tmp:
-        targs = _hf.training_args(cfgs[0], len(train_ds), tmp, per_device_eval_batch_size=16, logging_strategy="steps")
-        trainer = Trainer(model_init=lambda trial: _hf.model_init(pick(trial)), args=targs, train_dataset=train_ds,
-                          eval_dataset=eval_ds, data_collator=_hf.PadCollator(tokenizer.pad_token_id), callbacks=[Times()])
-        trainer.remove_callback(PrinterCallback)  # it prints log dicts on stdout, where the answer goes
-        marks["search_begin_unix"] = time.time()
-        trainer.hyperparameter_search(
-            hp_space=lambda trial: _hf.hf_fields(pick(trial), len(train_ds)), compute_objective=lambda m: m["eval_loss"],
-            n_trials=len(cfgs), direction="minimize", backend="optuna", pruner=optuna.pruners.NopPruner(),
-            sampler=optuna.samplers.GridSampler({"trial": list(range(len(cfgs)))}, seed=0))
-    return {**marks, "search_end_unix": time.time(), "threads": torch.get_num_threads()}
+    indexes = list(range(len(cfgs)))
+    begin = _hf.search(cfgs[0], lambda trial: cfgs[trial.suggest_categorical("trial", indexes)], len(cfgs), callbacks=[Times()],
+                       pruner=optuna.pruners.NopPruner(), sampler=optuna.samplers.GridSampler({"trial": indexes}, seed=0))
+    return {**marks, "search_begin_unix": begin, "search_end_unix": time.time(), "threads": torch.get_num_threads()}
 
 
 def run_hf(sweep_dir: Path, n: int | None, threads: int) -> dict:
@@ -191,11 +175,8 @@ def run_hf(sweep_dir: Path, n: int | None, threads: int) -> dict:
 # --- main --------------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     p = parser(__doc__)
-    p.add_argument("--spec", default="search_spaces/lr.yaml")
-    p.add_argument("--hf-trials", type=int, default=6, help="the sweep's first N trials through HF (0: no HF; default 6)")
-    p.add_argument("--reps", type=int, default=3, help="start-up reps")
+    options(p, spec="search_spaces/lr.yaml", hf_trials=6, reps=3)  # HF: the sweep's first N trials (0: none); start-up reps
     p.add_argument("--hf-job", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.hf_job:

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: this checkout's packages
-from scripts.bench._harness import Report, answer, child, parser, spread
+from scripts.bench._harness import Report, answer, child, options, parser, spread
 
 TRAIN_DATA, SEQ_LEN = "builtin:facts", 48
 HEADER = ["method", "ours tok/s", "HF tok/s", "ratio", "verdict", "ours peak MB", "HF peak MB", "ours s/step", "HF s/step"]
@@ -89,12 +89,8 @@ def measure(args, method: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     p = parser(__doc__)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--methods", default="full,lora,last_layer")
-    for flag, default in (("--steps", 12), ("--batch-size", 4), ("--reps", 3), ("--threads", 2)):
-        p.add_argument(flag, type=int, default=default)
+    options(p, model="smollm2-135m", methods="full,lora,last_layer", steps=12, batch_size=4, reps=3, threads=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
