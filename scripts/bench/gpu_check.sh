@@ -10,7 +10,7 @@
 #         bash scripts/bench/gpu_check.sh stash                        (timeout_s 120)
 #      it copies that part to /tmp/gpu-check/whl, which stays on the warm machine.
 #   3. on the device, call N, carrying .whl/N:
-#         bash scripts/bench/gpu_check.sh run --out "$OUT/gpu_check.md" --json "$OUT/gpu_check.json" --budget-s 480
+#         bash scripts/bench/gpu_check.sh run --out "$OUT/gpu_check.md" --budget-s 480
 #      (timeout_s 590): it stashes .whl/N, joins the cut wheels, checks them against SHA256SUMS, installs them with
 #      pip --no-index --no-deps into /tmp/site, and runs gpu_check.py with PYTHONPATH=$PWD:/tmp/site. A second
 #      `run` on the same warm machine skips the install. Part B alone (no Ray) needs only the first parts that
@@ -108,7 +108,7 @@ n = len(bins)
 for k, b in enumerate(bins, 1):
     mib = sum((whl / str(k) / p.name).stat().st_size for p in b) / 2**20
     what = "bash scripts/bench/gpu_check.sh stash; timeout_s 120" if k < n else (
-        'bash scripts/bench/gpu_check.sh run --out "$OUT/gpu_check.md" --json "$OUT/gpu_check.json" --budget-s 480; '
+        'bash scripts/bench/gpu_check.sh run --out "$OUT/gpu_check.md" --budget-s 480; '
         "timeout_s 590")
     print(f"call {k}/{n} ({mib:.0f} MiB): carry .whl/{k}; command: {what}")
 print(f"part B alone (run --part b) needs calls 1..{b_bins} only; the rest are part A's (Ray, Optuna, MLflow)")

@@ -1,30 +1,13 @@
-"""Scale of the MLflow store: what logging costs, and what the UI's experiment page costs to load.
+"""Scale of the MLflow store (BENCHMARKS.md section 6): ``log_batch`` against ``log_metric``, and the UI's experiment page
+on a synthetic sweep served by ``mlflow server``.
 
-    python scripts/bench/mlflow_store.py              # 2,000 points x 3 reps; a sweep of 100 trials x 200 points
-    python scripts/bench/mlflow_store.py --quick      # 500 points x 1 rep; 10 trials x 50 points (a smoke run)
-
-1. Logging: ``MlflowClient.log_batch`` (batches of up to 1,000 metrics, the
-   REST limit) against one ``log_metric`` call per point, on a fresh SQLite
-   store in a temp dir; each rep logs ``--points`` points (5 metric keys, as a
-   trial reports train_loss, eval_loss, lr, ...) into a new run, the two ways
-   interleaved; the cost is given per 1,000 points, median over reps.
-2. The UI: a synthetic sweep (one parent run, ``--trials`` child runs tagged
-   ``mlflow.parentRunId``, ``--points-per-trial`` points of train_loss each,
-   logged with log_batch) is served by ``mlflow server`` on 127.0.0.1 and a
-   free port; the REST calls the experiment page makes are timed (median of 5
-   after one warm-up call): runs/search (max_results 100), get-history of one
-   run, the charts' get-history-bulk-interval for 10 runs, and the index page.
-   The server (its own process group) is stopped at the end.
+    python scripts/bench/mlflow_store.py [--points 2000] [--reps 3] [--trials 100] [--points-per-trial 200] [--quick] [--out FILE]
 """
 from __future__ import annotations
 
-import argparse
 import os
-import platform
-import shlex
 import signal
 import socket
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -32,217 +15,131 @@ import tempfile
 import time
 from pathlib import Path
 
-if __name__ == "__main__" and __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[2])  # run as a file: import this checkout's packages
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: this checkout's packages
 
-HEADER_LOG = "| call | calls per 1,000 points | ms per 1,000 points | x log_batch |"
-HEADER_UI = "| request (UI experiment page) | median ms | response KB |"
-_KEYS = ("train_loss", "train_loss_ema", "eval_loss", "grad_norm", "lr")  # what a trial reports
-_BATCH_LIMIT = 1000  # MLflow's log_batch limit on metrics per call
-_UI_REPEATS = 5
+from scripts.bench._harness import Report, fmt, options, parser, spread
+
+KEYS = ("train_loss", "train_loss_ema", "eval_loss", "grad_norm", "lr")  # what a trial reports
+LIMIT = 1000  # metrics per log_batch call (the REST limit)
+UI_REPEATS = 5
 
 
-def _points(n: int):
+def bench_logging(client, n: int, reps: int) -> dict[str, list[float]]:
+    """Seconds for ``n`` points, log_batch and log_metric interleaved, each rep into a fresh run."""
     from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    return [Metric(_KEYS[i % len(_KEYS)], 1.0 / (1 + i), now + i, i // len(_KEYS)) for i in range(n)]
-
-
-def _log_batch(client, run_id: str, points) -> None:
-    for start in range(0, len(points), _BATCH_LIMIT):
-        client.log_batch(run_id, metrics=points[start : start + _BATCH_LIMIT])
-
-
-def _log_single(client, run_id: str, points) -> None:
-    for m in points:
-        client.log_metric(run_id, m.key, m.value, timestamp=m.timestamp, step=m.step)
-
-
-def bench_logging(tmp: Path, n_points: int, reps: int) -> list[dict]:
-    """Seconds per 1,000 points, both ways, alternating, each rep into a fresh run of one fresh store."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'logging.db'}")
-    experiment = client.create_experiment("logging-cost")  # creates the schema before anything is timed
-    ways = {"log_batch": _log_batch, "log_metric": _log_single}
-    seconds: dict[str, list[float]] = {name: [] for name in ways}
+    experiment = client.create_experiment("logging-cost")  # the schema exists before anything is timed
+    ways = {"log_batch": lambda run, pts: [client.log_batch(run, metrics=pts[i: i + LIMIT]) for i in range(0, len(pts), LIMIT)],
+            "log_metric": lambda run, pts: [client.log_metric(run, m.key, m.value, m.timestamp, m.step) for m in pts]}
+    seconds: dict[str, list[float]] = {w: [] for w in ways}
     for _ in range(reps):
-        for name, log in ways.items():
-            run_id = client.create_run(experiment, run_name=name).info.run_id
-            points = _points(n_points)
+        for way, log in ways.items():
+            run = client.create_run(experiment, run_name=way).info.run_id
+            now = int(time.time() * 1000)
+            points = [Metric(KEYS[i % len(KEYS)], 1.0 / (1 + i), now + i, i // len(KEYS)) for i in range(n)]
             t0 = time.perf_counter()
-            log(client, run_id, points)
-            seconds[name].append(time.perf_counter() - t0)
-            client.set_terminated(run_id)
-            stored = len(client.get_metric_history(run_id, _KEYS[0]))
-            if stored != len(range(0, n_points, len(_KEYS))):
-                raise RuntimeError(f"{name}: {stored} points of {_KEYS[0]} stored, expected {len(range(0, n_points, len(_KEYS)))}")
-    base = statistics.median(seconds["log_batch"])
-    return [
-        {"call": name, "calls_per_1000": 1000 / _BATCH_LIMIT if name == "log_batch" else 1000,
-         "ms_per_1000": statistics.median(s) * 1000 * 1000 / n_points, "vs_batch": statistics.median(s) / base,
-         "seconds": s}
-        for name, s in seconds.items()
-    ]
+            log(run, points)
+            seconds[way].append(time.perf_counter() - t0)
+            if len(client.get_metric_history(run, KEYS[0])) != len(range(0, n, len(KEYS))):
+                raise RuntimeError(f"{way}: not every point was stored")
+    return seconds
 
 
-def build_sweep(uri: str, trials: int, points: int) -> tuple[str, list[str], float]:
-    """One parent run and ``trials`` child runs with ``points`` train_loss points each; returns ids and seconds."""
+def build_sweep(client, trials: int, points: int) -> tuple[str, list[str]]:
+    """One parent run and ``trials`` child runs with ``points`` train_loss points each."""
     from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
-
-    t0 = time.perf_counter()
-    client = MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("synthetic-sweep")
-    parent = client.create_run(experiment, run_name="sweep synthetic").info.run_id
+    parent = client.create_run(experiment, run_name="sweep").info.run_id
     children = []
     for t in range(trials):
-        run_id = client.create_run(experiment, run_name=f"trial {t}", tags={"mlflow.parentRunId": parent}).info.run_id
+        run = client.create_run(experiment, run_name=f"trial {t}", tags={"mlflow.parentRunId": parent}).info.run_id
         now = int(time.time() * 1000)
         curve = [Metric("train_loss", 3.0 / (1 + 0.05 * s) + 0.01 * (t % 7), now + s, s) for s in range(points)]
-        params = [Param("learning_rate", f"{10 ** (-5 + (t % 6) / 2):.1e}"), Param("method", ("full", "lora", "last_layer")[t % 3])]
-        for start in range(0, points, _BATCH_LIMIT):
-            client.log_batch(run_id, metrics=curve[start : start + _BATCH_LIMIT], params=params if start == 0 else [])
-        client.set_terminated(run_id)
-        children.append(run_id)
-    client.set_terminated(parent)
-    return experiment, children, time.perf_counter() - t0
+        for i in range(0, points, LIMIT):
+            client.log_batch(run, metrics=curve[i: i + LIMIT], params=[Param("learning_rate", f"{10 ** (-5 + t % 6 / 2):.1e}")] if not i else [])
+        client.set_terminated(run)
+        children.append(run)
+    return experiment, children
 
 
-def _free_port() -> int:
+def serve(uri: str, tmp: Path) -> tuple[subprocess.Popen, str]:
+    """``mlflow server --workers 1`` on 127.0.0.1, in its own process group; returned once /health answers."""
+    import requests
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(uri: str, tmp: Path) -> tuple[subprocess.Popen, str]:
-    """``mlflow server`` on 127.0.0.1 in its own process group; returns it once /health answers."""
-    import requests
-
-    port = _free_port()
-    log = open(tmp / "server.log", "w")
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", uri, "--default-artifact-root", (tmp / "artifacts").as_uri(), "--workers", "1"]
-    proc = subprocess.Popen(cmd, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited ({proc.returncode}):\n{(tmp / 'server.log').read_text()[-3000:]}")
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", uri, "--default-artifact-root", (tmp / "artifacts").as_uri(), "--workers", "1"],
+                            cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             if requests.get(f"{base}/health", timeout=2).status_code == 200:
                 return proc, base
         except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    stop_server(proc)
-    raise RuntimeError(f"mlflow server did not answer on {base} within 120 s")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    """Stop the server this script started: its own process group (gunicorn/uvicorn workers included), nothing else."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+            time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise RuntimeError(f"mlflow server did not answer on {base}")
 
 
 def bench_ui(base: str, experiment: str, children: list[str], trials: int, points: int) -> list[dict]:
-    """Median latency of each request over ``_UI_REPEATS`` calls after a warm-up call; checks what comes back."""
+    """Median latency of the experiment page's REST calls, after a warm-up call that also checks what comes back."""
     import requests
-
-    session = requests.Session()  # keep-alive, as a browser does
+    session = requests.Session()
     bulk = "&".join(f"run_ids={r}" for r in children[:10])
-    requests_ = {
-        "POST /api/2.0/mlflow/runs/search (max_results 100)": lambda: session.post(
-            f"{base}/api/2.0/mlflow/runs/search", json={"experiment_ids": [experiment], "max_results": 100}),
-        "GET /api/2.0/mlflow/metrics/get-history (1 run)": lambda: session.get(
-            f"{base}/api/2.0/mlflow/metrics/get-history", params={"run_id": children[0], "metric_key": "train_loss"}),
-        "GET /ajax-api/2.0/mlflow/metrics/get-history-bulk-interval (10 runs)": lambda: session.get(
-            f"{base}/ajax-api/2.0/mlflow/metrics/get-history-bulk-interval?{bulk}&metric_key=train_loss&max_results=320"),
-        "GET / (the UI's index page)": lambda: session.get(f"{base}/"),
-    }
-    expected = {0: min(100, trials + 1), 1: points}
+    calls = {
+        "POST /api/2.0/mlflow/runs/search (max_results 100)": (lambda: session.post(
+            f"{base}/api/2.0/mlflow/runs/search", json={"experiment_ids": [experiment], "max_results": 100}), min(100, trials + 1)),
+        "GET /api/2.0/mlflow/metrics/get-history (1 run)": (lambda: session.get(
+            f"{base}/api/2.0/mlflow/metrics/get-history", params={"run_id": children[0], "metric_key": "train_loss"}), points),
+        "GET /ajax-api/2.0/mlflow/metrics/get-history-bulk-interval (10 runs)": (lambda: session.get(
+            f"{base}/ajax-api/2.0/mlflow/metrics/get-history-bulk-interval?{bulk}&metric_key=train_loss&max_results=320"), None),
+        "GET / (the UI's index page)": (lambda: session.get(f"{base}/"), None)}
     rows = []
-    for i, (name, call) in enumerate(requests_.items()):
-        _check(name, call(), expected.get(i))  # warm-up: the first call pays the server's lazy imports
-        times, size = [], 0
-        for _ in range(_UI_REPEATS):
+    for name, (call, expected) in calls.items():
+        resp = call()
+        resp.raise_for_status()
+        if expected is not None and len((body := resp.json()).get("runs", body.get("metrics", []))) != expected:
+            raise RuntimeError(f"{name}: not the {expected} items expected")
+        times = []
+        for _ in range(UI_REPEATS):
             t0 = time.perf_counter()
             resp = call()
-            times.append(time.perf_counter() - t0)
-            size = len(resp.content)
-        rows.append({"request": name, "median_ms": statistics.median(times) * 1000, "kb": size / 1024, "ms": times})
+            times.append(1000 * (time.perf_counter() - t0))
+        rows.append({"request": name, "ms": times, "kb": len(resp.content) / 1024})
     return rows
 
 
-def _check(name: str, resp, expected: int | None) -> None:
-    resp.raise_for_status()
-    if expected is None:
-        return
-    body = resp.json()
-    got = len(body.get("runs", body.get("metrics", [])))
-    if got != expected:
-        raise RuntimeError(f"{name}: {got} items returned, expected {expected}")
-
-
-def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--points", type=int, default=2000, help="metric points logged per rep and way")
-    p.add_argument("--reps", type=int, default=3, help="interleaved reps of the logging comparison")
-    p.add_argument("--trials", type=int, default=100, help="child runs of the synthetic sweep")
-    p.add_argument("--points-per-trial", type=int, default=200, help="train_loss points per child run")
-    p.add_argument("--quick", action="store_true", help="500 points, 1 rep, 10 trials x 50 points (a smoke run)")
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__)
+    options(p, points=2000, reps=3, trials=100, points_per_trial=200)
     args = p.parse_args(argv)
     if args.quick:
         args.points, args.reps, args.trials, args.points_per_trial = 500, 1, 10, 50
-    if args.points < len(_KEYS) or args.reps < 1 or args.trials < 10 or args.points_per_trial < 1:
-        p.error(f"need --points >= {len(_KEYS)}, --reps >= 1, --trials >= 10, --points-per-trial >= 1")
-    return args
-
-
-def _cpu_model() -> str:
-    from scripts.bench._common import cpu_model
-
-    return cpu_model()
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = _parse(argv)
-    import mlflow
-
+    rep = Report("mlflow_store.py", argv, args.quick, args.out)
+    from mlflow.tracking import MlflowClient
     with tempfile.TemporaryDirectory(prefix="bench-mlflow-") as tmp_name:
         tmp = Path(tmp_name)
-        logging_rows = bench_logging(tmp, args.points, args.reps)
+        seconds = bench_logging(MlflowClient(f"sqlite:///{tmp / 'logging.db'}"), args.points, args.reps)
         uri = f"sqlite:///{tmp / 'sweep.db'}"
-        experiment, children, build_s = build_sweep(uri, args.trials, args.points_per_trial)
-        proc, base = start_server(uri, tmp)
+        t0 = time.perf_counter()
+        experiment, children = build_sweep(MlflowClient(uri), args.trials, args.points_per_trial)
+        build_s, db_mb = time.perf_counter() - t0, (tmp / "sweep.db").stat().st_size / 2**20
+        proc, base = serve(uri, tmp)
         try:
-            ui_rows = bench_ui(base, experiment, children, args.trials, args.points_per_trial)
+            ui = bench_ui(base, experiment, children, args.trials, args.points_per_trial)
         finally:
-            stop_server(proc)
-        db_mb = (tmp / "sweep.db").stat().st_size / 2**20
-    print(f"command: python scripts/bench/mlflow_store.py {shlex.join(argv)}".rstrip())
-    print(f"mlflow {mlflow.__version__}, SQLite {sqlite3.sqlite_version}, Python {platform.python_version()}; "
-          f"CPU {_cpu_model()}, {os.cpu_count()} cores")
-    print(f"\nLogging {args.points} points (5 keys) per rep into a fresh SQLite store, interleaved, median of {args.reps}:\n")
-    print(HEADER_LOG)
-    print("|---|---|---|---|")
-    for r in logging_rows:
-        print(f"| {r['call']} | {r['calls_per_1000']:g} | {r['ms_per_1000']:.0f} | {r['vs_batch']:.1f} |")
-    print(f"\nSynthetic sweep: 1 parent + {args.trials} child runs x {args.points_per_trial} train_loss points "
-          f"(built in {build_s:.1f} s with log_batch; store {db_mb:.1f} MB), mlflow server --workers 1, "
-          f"median of {_UI_REPEATS} after a warm-up call:\n")
-    print(HEADER_UI)
-    print("|---|---|---|")
-    for r in ui_rows:
-        print(f"| {r['request']} | {r['median_ms']:.1f} | {r['kb']:.1f} |")
+            os.killpg(proc.pid, signal.SIGTERM)  # the server's own group: its workers, nothing else
+            proc.wait(timeout=30)
+    per_1000 = {w: [1e6 * s / args.points for s in v] for w, v in seconds.items()}
+    batch = statistics.median(per_1000["log_batch"])
+    rep.table(["call", "calls per 1,000 points", "ms per 1,000 points", "x log_batch"],
+              [[w, 1 if w == "log_batch" else "1,000", spread(v, 0), f"{statistics.median(v) / batch:.1f}"] for w, v in per_1000.items()],
+              f"Logging {args.points} points (5 keys) per rep into a fresh SQLite store, interleaved, median (min-max) of {args.reps}:")
+    rep.table(["request (UI experiment page)", "median ms", "response KB"],
+              [[r["request"], spread(r["ms"]), fmt(r["kb"])] for r in ui],
+              f"Synthetic sweep: 1 parent + {args.trials} child runs x {args.points_per_trial} points (built in {build_s:.1f} s, "
+              f"{db_mb:.1f} MB), mlflow server --workers 1, median (min-max) of {UI_REPEATS} after a warm-up call:")
+    rep.save({"logging_s": seconds, "ui": ui})
     return 0
 
 

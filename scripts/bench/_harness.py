@@ -1,0 +1,176 @@
+"""What every benchmark shares: its options, the header it prints, tables, spread over repeats, child processes, sweeps."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a smoke run on the tiny model (CI); not a measurement")
+    p.add_argument("--out", metavar="FILE", help="also write the report (markdown) to FILE and every figure to FILE's .json")
+    return p
+
+
+def options(p: argparse.ArgumentParser, **defaults) -> None:
+    """``--name`` options, each typed by its default."""
+    for name, default in defaults.items():
+        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
+
+
+def _sh(*cmd: str) -> str:
+    try:
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def gpus() -> list[dict]:
+    out = _sh("nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader,nounits")
+    return [{"name": n.strip(), "memory_gib": float(m) / 1024, "driver": d.strip()} for n, m, d in
+            (line.split(",") for line in out.splitlines() if line.strip())]
+
+
+def cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class Report:
+    """Prints each line as it comes, and keeps --out's markdown up to date; ``save`` writes the figures (.json)."""
+
+    def __init__(self, script: str, argv: list[str] | None, quick: bool, out: str | None = None):
+        self.lines: list[str] = []
+        argv = sys.argv[1:] if argv is None else argv
+        self.out = Path(out) if out else None
+        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+        found = ", ".join(f"{g['name']} ({g['memory_gib']:.0f} GiB, driver {g['driver']})" for g in gpus()) or "none"
+        commit = (_sh("git", "rev-parse", "--short", "HEAD") or "unknown") + ("-dirty" if _sh("git", "status", "--porcelain") else "")
+        self(f"command: python scripts/bench/{script} {shlex.join(argv)}".rstrip(), f"commit: {commit}; {time.strftime('%Y-%m-%d %H:%M')}",
+             f"machine: {platform.platform()}, CPU {cpu}, {cpus()} cores; GPU: {found}; Python {platform.python_version()}",
+             "versions: " + ", ".join(f"{n} {_version(n)}" for n in ("torch", "transformers", "peft", "ray", "optuna", "mlflow")))
+        if quick:
+            self("--quick: a smoke run on the tiny model; the numbers below are not a measurement")
+
+    def __call__(self, *lines: str) -> None:
+        for line in lines:
+            print(line, flush=True)
+        self.lines.extend(lines)
+        if self.out and self.out.suffix != ".json":  # rewritten as it grows: a run stopped midway keeps what it had
+            self.out.write_text("\n".join(self.lines) + "\n")
+
+    def table(self, header: list[str], rows: list[list], title: str = "") -> None:
+        self(*([title, ""] if title else []), "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+             *("| " + " | ".join(str(c) for c in r) + " |" for r in rows), "")
+
+    def save(self, figures: dict) -> None:
+        if self.out:
+            self.out.with_suffix(".json").write_text(json.dumps({"lines": self.lines, **figures}, indent=1, default=str))
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "-"
+
+
+def fmt(value, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def spread(values: list, digits: int = 1) -> str:
+    """``median (min-max)`` over the repeats; one value alone; n/a when none was measured."""
+    v = [x for x in values if x is not None]
+    return "n/a" if not v else fmt(v[0], digits) if len(v) == 1 else \
+        f"{fmt(statistics.median(v), digits)} ({fmt(min(v), digits)}-{fmt(max(v), digits)})"
+
+
+def child(script: str, args: list[str], timeout: float = 3600) -> dict:
+    """``python SCRIPT ARGS`` in a fresh process (its own peak memory and imports); its last stdout line, as JSON."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{Path(script).name} {shlex.join(args)[:300]} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def answer(result: dict) -> int:
+    print(json.dumps(result, default=str), flush=True)
+    return 0
+
+
+def stop_session(sid: int) -> None:
+    """TERM, then KILL, each process of the sweep's session by id (Ray's workers leave its process group, not it)."""
+    def pids() -> list[int]:
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()  # state ppid pgrp session ...
+            except (OSError, IndexError):
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":
+                found.append(int(stat.parent.name))
+        return found
+
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        deadline = time.monotonic() + grace
+        for pid in pids():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        while pids() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not pids():
+            return
+
+
+def run_sweep(spec: str, overrides: list[str], env: dict, *, stop=None, timeout: float = 7200) -> dict:
+    """``python sweeps/run.py SPEC OVERRIDES`` in a session of its own, each console line with its arrival time;
+    ``stop()`` (polled) ends it early. Raises if it failed on its own."""
+    cmd, lines = [sys.executable, str(ROOT / "sweeps" / "run.py"), spec, *overrides], []
+    with tempfile.TemporaryFile("w+") as err:
+        launch, stopped = time.time(), False
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                                stderr=err, text=True, start_new_session=True)
+        reader = threading.Thread(target=lambda: lines.extend((time.time(), t.rstrip("\n")) for t in proc.stdout), daemon=True)
+        reader.start()
+        while proc.poll() is None:
+            if time.time() - launch > timeout or (stop is not None and stop()):
+                stopped = True
+                stop_session(proc.pid)
+                proc.wait(timeout=30)
+            time.sleep(0.2)
+        exit_unix = time.time()
+        stop_session(proc.pid)  # Ray's processes may linger a moment after the driver
+        reader.join(timeout=10)
+        err.seek(0)
+        if proc.returncode != 0 and not stopped:
+            raise RuntimeError(f"sweep failed (exit {proc.returncode}): {shlex.join(cmd)}\n"
+                               + "\n".join(t for _, t in lines[-30:]) + "\n" + err.read()[-3000:])
+    return {"launch_unix": launch, "exit_unix": exit_unix, "wall_s": exit_unix - launch, "stopped_early": stopped,
+            "cpus": cpus(), "lines": lines}
+
+
+def warm_store(uri: str) -> None:
+    """Create an MLflow store's tables beforehand, as a user's existing store has them (not part of any timing)."""
+    import logging
+
+    from mlflow.tracking import MlflowClient
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its "Creating initial MLflow database tables"
+    MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
