@@ -1,5 +1,5 @@
 """The Hugging Face peer: our tokenized data as an HF dataset, its collator, and ``TrainingArguments`` from the product's
-own conversion (``sweeps.export.hf_training_args``), so HF trains what the trial trained."""
+own conversion (``sweeps.results.export.hf_training_args``), so HF trains what the trial trained."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,7 +40,7 @@ def data(cfg, tokenizer) -> tuple[HFDataset, HFDataset]:
 
 def hf_fields(cfg, n_train: int, cadence: bool = True) -> dict:
     """The export's fields, the optimizer steps pinned to ours (``total_steps``) and (``cadence``) our report/eval cadence."""
-    from sweeps.export import hf_training_args
+    from sweeps.results.export import hf_training_args
     fields = {**hf_training_args(cfg, n_train), "max_steps": cfg.total_steps(n_train),
               "logging_steps": max(1, round(cfg.report_every / cfg.examples_per_step))}
     fields.pop("num_train_epochs", None)

@@ -38,7 +38,7 @@ def _diverged(r) -> bool:
 
 def _first_past(record, divergence: dict) -> int | None:
     """The first report (from 1) at which the stopper's own rule, replayed on the unpruned history, would fire."""
-    from sweeps.pruning import DivergenceMonitor
+    from sweeps.launch.pruning import DivergenceMonitor
     monitor = DivergenceMonitor(divergence["factor"], divergence["spike"], 1)  # the threshold, not the spec's grace
     for i, report in enumerate(record.history, 1):
         result = {k: (math.nan if v is None and k in ("train_loss", "train_loss_ema", "grad_norm") else v)
@@ -51,12 +51,12 @@ def _first_past(record, divergence: dict) -> int | None:
 
 
 def measure(dirs: dict[str, Path]) -> dict:
-    from sweeps.records import load_records
-    from sweeps.space import n_trials
+    from sweeps.launch.space import n_trials
+    from sweeps.results.records import read_trials
     from sweeps.spec import SweepSpec
     spec = SweepSpec.model_validate(json.loads((dirs["pruned"] / "spec.json").read_text())["spec"])
     keys = list(spec.space)
-    runs = {k: load_records(d / "trials.json") for k, d in dirs.items()}
+    runs = {k: read_trials(d / "trials.json") for k, d in dirs.items()}
     cells = {k: {tuple(f"{r.config.get(f):.6g}" if isinstance(r.config.get(f), float) else str(r.config.get(f)) for f in keys): r
                  for r in recs} for k, recs in runs.items()}
     both = sorted(set(cells["pruned"]) & set(cells["unpruned"]))
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.table([*m["keys"], "past threshold at report #", "stopped at report #", "latency (reports)", "after the grace"],
               [[*(r[f] for f in m["keys"]), r["first"] or "never", r["stop"] if r["caught"] else "not stopped",
                 fmt(r["latency"], 0), fmt(r["after_grace"], 0)] for r in m["latency"]] or [["-"] * (len(m["keys"]) + 4)],
-              f"Divergence latency (the unpruned history replayed through sweeps.pruning.DivergenceMonitor): worst "
+              f"Divergence latency (the unpruned history replayed through sweeps.launch.pruning.DivergenceMonitor): worst "
               f"{fmt(m['max_latency'], 0)} (target <= 1); past the threshold, never stopped: {m['missed']}")
     rep.table([*m["keys"], "steps with pruning", "steps without", "outcome with pruning", "outcome without"],
               [[*(c[f] for f in m["keys"]), c["steps_pruned"], c["steps_unpruned"], c["outcome_pruned"], c["outcome_unpruned"]]

@@ -25,12 +25,12 @@ def run_ours(args, searcher: str, seed: int, out: Path) -> dict:
     """``sweeps/run.py SPEC search.algorithm=A search.seed=S``; its trials in the order the sampler proposed them."""
     import optuna
 
-    from sweeps.records import load_records
+    from sweeps.results.records import read_trials
     name = f"se-{SEARCHERS[searcher]}-s{seed}"
     t = run_sweep(str(ROOT / args.spec), [f"name={name}", f"search.algorithm={SEARCHERS[searcher]}", f"search.seed={seed}",
                                           f"search.n_trials={args.trials}", f"output_dir={out}", "tracking.uri=null"],
                   {"MLFLOW_TRACKING_URI": f"sqlite:///{out / name}.mlflow.db"})
-    records = load_records(out / name / "trials.json")
+    records = read_trials(out / name / "trials.json")
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{out / name / 'optuna.db'}")
     trials = []
     for ot in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):  # a trial's parameters find its record
@@ -47,7 +47,7 @@ def hf_search(spec_path: str, n_trials: int, seed: int) -> dict:
     import torch
 
     from scripts.bench import _hf
-    from sweeps.space import DefineByRun
+    from sweeps.launch.space import DefineByRun
     from sweeps.spec import load_spec, trial_config
     from trainer.quiet import quiet_libraries
     quiet_libraries()

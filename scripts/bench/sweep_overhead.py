@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: t
 
 from scripts.bench._harness import ROOT, Report, answer, child, fmt, options, parser, run_sweep, warm_store
 
-_PROGRESS = re.compile(r"^\[\d+:\d\d\] (\S+)\s+(\S+) ")  # sweeps.progress: "[mm:ss] start   049a12d3 lora lr=..."
+_PROGRESS = re.compile(r"^\[\d+:\d\d\] (\S+)\s+(\S+) ")  # sweeps.launch.progress: "[mm:ss] start   049a12d3 lora lr=..."
 EFF = ["runner", "trials", "slots", "wall s", "training s", "eval s", "training share", "useful share (training + eval)"]
 PARTS = {"training": "training (optimizer steps)", "eval": "eval (periodic and final)", "setup": "model load + setup",
          "per_trial_start": "per-trial start (Tune starts it -> trainer begins)", "in_trial_other": "in-trial other (reports, checkpoints)",
@@ -32,7 +32,7 @@ MILESTONES = {"ready": "Ray and MLflow up", "trial_started": "first trial starte
 
 def slots_for(spec, n_cpus: int) -> int:
     """Trials Ray runs at once, by the product's own placement: the cheapest method's, capped by max_concurrent."""
-    from sweeps.placement import Node, at_once, largest_trials, trial_resources
+    from sweeps.launch.placement import Node, at_once, largest_trials, trial_resources
     nodes = [Node(n_cpus, 0, None)]
     placer = trial_resources(spec, nodes)
     fit = max(at_once(placer.share(cfg), nodes, None) for cfg in largest_trials(spec, placer).values())
@@ -65,8 +65,8 @@ def _milestones(launch: float, ev: dict, marks: list[dict]) -> dict:
 
 def analyse_sweep(sweep_dir: Path, timing: dict, slots: int) -> dict:
     """Training share, useful share and where wall x slots went, from trials.json and the console lines' times."""
-    from sweeps.records import load_records
-    records = load_records(sweep_dir / "trials.json")
+    from sweeps.results.records import read_trials
+    records = read_trials(sweep_dir / "trials.json")
     ev = _events(timing["lines"])
     if ev["ready"] is None or ev["fit_end"] is None:
         raise RuntimeError(f"{sweep_dir}: the sweep's console lines do not show Tune's start and end")
@@ -154,8 +154,8 @@ def hf_search(job: dict) -> dict:
 
 def run_hf(sweep_dir: Path, n: int | None, threads: int) -> dict:
     """The sweep's first ``n`` trials (in the order their trainers began) through HF; start-up reported apart."""
-    from sweeps.records import load_records
-    records = sorted(load_records(sweep_dir / "trials.json"), key=lambda r: (r.final.get("start_unix") or math.inf, r.trial_id))
+    from sweeps.results.records import read_trials
+    records = sorted(read_trials(sweep_dir / "trials.json"), key=lambda r: (r.final.get("start_unix") or math.inf, r.trial_id))
     configs = [r.config for r in records[: n or len(records)]]
     for key in ("max_examples", "seq_len", "model"):
         if len({str(c.get(key)) for c in configs}) > 1:

@@ -33,7 +33,7 @@ def one(args, impl: str, method: str) -> dict:
     same model, data, trainable parameters and arguments; on_step_begin to on_step_end of each step, summed."""
     import torch
 
-    from trainer.data import example_stream, load_records, tokenize
+    from trainer.data import example_stream, read_examples, tokenize
     from trainer.loop import train
     from trainer.models import load_tokenizer, resolve_model_dir
     cfg, tokenizer = _cfg(args, method), load_tokenizer(resolve_model_dir(args.model))
@@ -41,7 +41,7 @@ def one(args, impl: str, method: str) -> dict:
         result = train(cfg)
         if result.status != "completed":
             raise RuntimeError(f"our trainer did not complete: {result.status} {result.reason}")
-        stream = example_stream(tokenize(load_records(TRAIN_DATA), tokenizer, SEQ_LEN), seed=cfg.seed)
+        stream = example_stream(tokenize(read_examples(TRAIN_DATA), tokenizer, SEQ_LEN), seed=cfg.seed)
         return {"tokens": sum(len(next(stream).input_ids) for _ in range(args.steps * args.batch_size)),
                 "seconds": result.metrics["train_time_s"], "trainable": result.metrics["trainable_params"]}
     from transformers import Trainer, TrainerCallback  # only here: the HF process's peak memory, not ours

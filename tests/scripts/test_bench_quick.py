@@ -36,10 +36,6 @@ def test_trainer_throughput_quick_prints_the_comparison_for_every_method(tiny_mo
     _check_throughput(out, ["full", "lora", "last_layer"])
 
 
-def test_bench_trainer_wrapper_runs_the_same_benchmark(tiny_model_dir):
-    _check_throughput(_ok(run_cli(["scripts/bench_trainer.py", "--quick", "--methods", "lora"], timeout=300)), ["lora"])
-
-
 def test_mlflow_store_quick_prints_the_logging_and_ui_tables():
     out = _ok(run_cli(["scripts/bench/mlflow_store.py", "--quick"], timeout=300))
     log = {r["call"]: r for r in table(out, "| call | calls per 1,000 points | ms per 1,000 points | x log_batch |")}
