@@ -16,9 +16,13 @@ line that says what, and how to continue it (--resume).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from trainer.errors import cli_errors, prog_name
+
+# The sweep's modules are imported after the arguments are read, so --help and bad input answer without Ray, torch
+# or MLflow, and --dry-run loads only what it plans with.
 
 
 @cli_errors
@@ -64,7 +68,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_plan(spec, address: str | None) -> None:
     """The packing plan: on this machine (no Ray started), or on the cluster at --address / $RAY_ADDRESS."""
-    import os
 
     from sweeps.launch.placement import ignored_gpus_warning, local_nodes, plan_lines, ray_nodes
 

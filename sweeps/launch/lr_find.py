@@ -61,7 +61,7 @@ def range_test(base: dict, method: str, *, start: float, end: float, steps: int)
 
 
 def plot(results: list[dict], out: Path, best: dict[str, float]) -> Path:
-    import matplotlib
+    import matplotlib  # only when the plot is drawn: the range test itself needs none of it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -63,7 +63,7 @@ def keep_restorable(sweep_dir: Path, ended: dict[str, dict]) -> None:
 def _keep_restorable(pair: list[str], ended: dict[str, dict]) -> None:
     """A trial Ray will restore from a checkpoint its state names but the disk no longer has: an empty folder in
     its place, which the trial reads as "start from the beginning"."""
-    from ray.tune.experiment.trial import Trial
+    from ray.tune.experiment.trial import Trial  # Ray: only a resume that finds a missing checkpoint reads it
 
     try:
         trial = Trial.from_json_state(pair[0], stub=True)

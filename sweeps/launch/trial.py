@@ -19,6 +19,7 @@ import zipfile
 from contextlib import nullcontext
 from typing import Any
 
+import ray
 from ray import tune
 from ray.tune import Checkpoint
 
@@ -121,7 +122,7 @@ def releasing(work) -> None:
 
 
 def _release_memory() -> None:
-    import torch
+    import torch  # here, not at the top: the driver imports this module before its preflight has loaded torch
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():  # on a CPU, reference counting frees it in time
         gc.collect()  # a full collection takes seconds in a big process: only where the memory is a GPU's
@@ -131,7 +132,6 @@ def _release_memory() -> None:
 def _gpu_placement(cfg: TrainConfig) -> dict[str, Any]:
     """The trial's GPU share (its Ray resources), the GPUs Ray gave it, its memory estimate, and the CUDA memory cap
     applied to the share; empty for a trial without a GPU."""
-    import ray
 
     try:
         share = float(tune.get_context().get_trial_resources().required_resources.get("GPU", 0))
@@ -139,11 +139,11 @@ def _gpu_placement(cfg: TrainConfig) -> dict[str, Any]:
         return {}
     if not share:
         return {}
-    from trainer.memory import estimate
+    from trainer.memory import estimate  # torch, as below
 
     out: dict[str, Any] = {"gpu_share": share, "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                            "mem_estimate_gib": estimate(cfg, device="cuda").total_gib}
-    import torch
+    import torch  # here, not at the top: the driver imports this module before its preflight has loaded torch
 
     if torch.cuda.is_available():
         total_gib = torch.cuda.get_device_properties(0).total_memory / 1024**3  # Ray made the trial's GPU device 0
@@ -185,7 +185,6 @@ def _trial_cpus() -> int | None:
 
 
 def _node_id() -> str | None:
-    import ray
 
     try:
         return ray.get_runtime_context().get_node_id()
