@@ -8,7 +8,7 @@ LR already in a group (finished, running or waiting) is never proposed again.
 
 ``Refiner.step(study)`` says what the searcher does next:
 
-- ``GRID``: grid cells are left; let the grid sampler hand out the next one;
+- ``GRID``: grid cells are left and no group is ready to refine; let the grid sampler hand out the next one;
 - ``ASK``: refinement trials are enqueued (now or before a resume); ``study.ask`` pops the first;
 - ``WAIT``: a group whose trials still run may yet need more (Ray asks again later);
 - ``DONE``: every group has its rounds, or is as precise as asked, or the cap is reached.
@@ -19,7 +19,7 @@ import math
 
 from optuna.trial import TrialState
 
-from sweeps.launch.space import group_key
+from sweeps.launch.space import grid_cells, group_key, longest_first, n_trials
 from sweeps.results import edges
 from sweeps.spec import SweepSpec
 from trainer.methods import method_cost
@@ -36,10 +36,19 @@ class Refiner:
         self.n_grid = n_grid
         self.maximize = spec.search.modes[0] == "max"
         self.keys = [k for k in spec.space if k != PARAM]
+        # grid trials per group: a group refines as soon as its own grid trials are done, while other groups' grid
+        # trials are still to run (so no chain of rounds is left alone at the sweep's end); not with a cap on
+        # refinement trials, whose share between groups would then depend on which finished first
+        cells = grid_cells(spec)
+        self.grid_sizes: dict[tuple, int] = {}
+        for i in longest_first(cells)[: n_trials(spec)]:
+            key = group_key(cells[i], self.keys)
+            self.grid_sizes[key] = self.grid_sizes.get(key, 0) + 1
 
     def step(self, study) -> str:
         trials = study.get_trials(deepcopy=False)
-        if sum("refine" not in t.user_attrs for t in trials) < self.n_grid:
+        grid_left = sum("refine" not in t.user_attrs for t in trials) < self.n_grid
+        if grid_left and self.cap is not None:
             return GRID
         if any(t.state == TrialState.WAITING for t in trials):
             return ASK
@@ -47,11 +56,15 @@ class Refiner:
         room = None if self.cap is None else self.cap - len(refined)
         pending = False
         queued = 0
-        for key, members in sorted(_groups(trials, self.keys).items(), key=lambda kv: _longest_first(kv[0])):
+        groups = _groups(trials, self.keys)
+        # the group with more rounds still to run first (its chain is the longest), then the costliest method
+        for key, members in sorted(groups.items(), key=lambda kv: (_rounds(kv[1]), _longest_first(kv[0]))):
             if any(t.state == TrialState.RUNNING for t in members):
                 pending = True
                 continue
-            done_rounds = max((t.user_attrs.get("refine", 0) for t in members), default=0)
+            if grid_left and sum("refine" not in t.user_attrs for t in members) < self.grid_sizes.get(key, 0):
+                continue  # its grid trials are not all handed out yet
+            done_rounds = _rounds(members)
             if done_rounds >= self.rounds or (room is not None and room - queued <= 0):
                 continue
             for lr, why in edges.proposals(self.points(members), self.within):
@@ -61,6 +74,8 @@ class Refiner:
                 queued += 1
         if queued:
             return ASK
+        if grid_left:
+            return GRID
         return WAIT if pending else DONE
 
     def points(self, members) -> list[edges.Point]:
@@ -83,6 +98,11 @@ def _groups(trials, keys: list[str]) -> dict[tuple, list]:
             continue
         out.setdefault(group_key(t.user_attrs, keys), []).append(t)
     return out
+
+
+def _rounds(members) -> int:
+    """How many refinement rounds a group has had."""
+    return max((t.user_attrs.get("refine", 0) for t in members), default=0)
 
 
 def _longest_first(key: tuple) -> tuple:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from optuna.trial import TrialState
 from mlflow.tracking import MlflowClient
 
 from sweeps.results.edges import Point, edge, geo_mid, optimum, proposals
@@ -78,6 +79,44 @@ def test_the_grid_is_handed_out_longest_trials_first():
     order = [(cells[i]["method"], cells[i]["batch_size"], cells[i]["learning_rate"]) for i in longest_first(cells)]
     assert order[:3] == [("full", 4, 1e-4), ("full", 4, 1e-2), ("full", 8, 1e-4)]
     assert order[-1] == ("last_layer", 8, 1e-2)
+
+
+def _study_with(trials: list[tuple[str, float, TrialState, dict]]):
+    """An in-memory study holding grid trials: (method, lr, state, extra user attributes)."""
+    from optuna.distributions import FloatDistribution
+
+    study = optuna.create_study()
+    for method, lr, state, extra in trials:
+        attrs = {"method": method, "learning_rate": lr, **extra}
+        study.add_trial(optuna.trial.create_trial(
+            state=state, value=1.0 if state == TrialState.COMPLETE else None, user_attrs=attrs,
+            params={"learning_rate": lr}, distributions={"learning_rate": FloatDistribution(1e-5, 100.0, log=True)}))
+    return study
+
+
+def test_a_group_refines_as_soon_as_its_own_grid_is_done_before_the_rest_of_the_grid(tmp_path):
+    """The tail of a sweep: a group's rounds are a chain, so they start as soon as its grid is done, not after
+    every other group's grid; the group with more rounds still to run goes first."""
+    from sweeps.launch.refine import ASK, GRID, Refiner
+    from sweeps.spec import load_spec
+
+    spec = load_spec(_spec(tmp_path, "early"), ["space.method=[full,lora]"])
+    refiner = Refiner(spec, n_grid=4)
+    assert refiner.grid_sizes == {(("method", "full"),): 2, (("method", "lora"),): 2}
+    done = TrialState.COMPLETE
+    # full's two grid trials are done, lora's are not yet handed out: full refines now
+    study = _study_with([("full", 0.01, done, {}), ("full", 10.0, done, {"outcome": "diverged"})])
+    assert refiner.step(study) == ASK
+    waiting = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.WAITING]
+    assert waiting and all(t.user_attrs["method"] == "full" and t.user_attrs["refine"] == 1 for t in waiting)
+    # one of full's grid trials still runs: nothing to refine yet, the grid goes on
+    study = _study_with([("full", 0.01, done, {}), ("full", 10.0, TrialState.RUNNING, {})])
+    assert refiner.step(study) == GRID
+    # a cap on refinement trials keeps the old order (the grid first), so the cap's share does not depend on timing
+    capped = Refiner(load_spec(_spec(tmp_path, "capped"), ["space.method=[full,lora]",
+                                                              "search.refine.max_trials=2"]), n_grid=4)
+    study = _study_with([("full", 0.01, done, {}), ("full", 10.0, done, {"outcome": "diverged"})])
+    assert capped.step(study) == GRID
 
 
 # --- real sweeps ---------------------------------------------------------------------------------------------------
