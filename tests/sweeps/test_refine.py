@@ -17,8 +17,8 @@ from pathlib import Path
 
 import optuna
 import pytest
-from optuna.trial import TrialState
 from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
 
 from sweeps.results.edges import Point, edge, geo_mid, optimum, proposals
 from tests.conftest import ROOT, run_cli
