@@ -1,8 +1,5 @@
 """Scale of the MLflow store (BENCHMARKS.md section 6): ``log_batch`` against ``log_metric``, and the UI's experiment page
-on a synthetic sweep served by ``mlflow server``.
-
-    python scripts/bench/mlflow_store.py [--points 2000] [--reps 3] [--trials 100] [--points-per-trial 200] [--quick] [--out FILE]
-"""
+on a synthetic sweep served by ``mlflow server``."""
 from __future__ import annotations
 
 import os
@@ -17,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: this checkout's packages
 
-from scripts.bench._harness import Report, fmt, options, parser, spread
+from scripts.bench._harness import cli, fmt, spread
 
 KEYS = ("train_loss", "train_loss_ema", "eval_loss", "grad_norm", "lr")  # what a trial reports
 LIMIT = 1000  # metrics per log_batch call (the REST limit)
@@ -110,12 +107,8 @@ def bench_ui(base: str, experiment: str, children: list[str], trials: int, point
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser(__doc__)
-    options(p, points=2000, reps=3, trials=100, points_per_trial=200)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.points, args.reps, args.trials, args.points_per_trial = 500, 1, 10, 50
-    rep = Report("mlflow_store.py", argv, args.quick, args.out)
+    args, rep = cli(__doc__, __file__, argv, {"points": 500, "reps": 1, "trials": 10, "points_per_trial": 50}, points=2000,
+                    reps=3, trials=100, points_per_trial=200)
     from mlflow.tracking import MlflowClient
     with tempfile.TemporaryDirectory(prefix="bench-mlflow-") as tmp_name:
         tmp = Path(tmp_name)
