@@ -1,7 +1,5 @@
 """The Hugging Face peer: our tokenized data as an HF dataset, its collator, and ``TrainingArguments`` from the product's
 own conversion (``sweeps.results.export.hf_training_args``), so HF trains what the trial trained."""
-from __future__ import annotations
-
 from pathlib import Path
 
 

@@ -3,8 +3,6 @@ against one per GPU, after a warm-up, the two rows in shuffled order ``--repeats
 Part B (``--part b``, no Ray): LoRA, QLoRA and full fine-tuning of random-init Llama-3.2-1B and -3.1-8B sizes through
 ``trainer.loop.train``: the memory estimate against the measured peak, and tokens/s beside torchtune's published figures.
 """
-from __future__ import annotations
-
 import contextlib
 import importlib.util
 import json

@@ -1,9 +1,5 @@
-"""Memory estimate (BENCHMARKS.md section 8): ``trainer.memory.estimate(cfg)`` against the peak of live tensor bytes of
-whole ``train(cfg)`` runs (torch profiler's CPU allocator events, plus the weights safetensors maps), each in a fresh
-process; one training step of a 2-block, 1,024-vocabulary model, where the logits hide no activation term; and
-(``real_sizes``: gpu_check.py's part B, section 7) the estimate against the trainer's own peak at real model sizes."""
-from __future__ import annotations
-
+"""Memory estimate (BENCHMARKS.md section 8; ``real_sizes`` is gpu_check.py's part B, section 7): ``trainer.memory``'s
+estimate against measured peaks."""
 import json
 import random
 import shutil
@@ -47,7 +43,9 @@ def write_data(folder: Path, n: int = 16) -> tuple[str, str]:
     return paths[0], paths[1]
 
 
-def allocation_events(prof) -> list:
+def allocations(prof, since: int = 0) -> tuple[list, int, str]:
+    """The profiler's CPU allocation events in order, from the first of size ``since`` (0: all); the highest running total
+    among them and the op that allocated it."""
     from torch._C._profiler import _EventType
     allocs, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
@@ -55,11 +53,10 @@ def allocation_events(prof) -> list:
         if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
             allocs.append(event)
         stack.extend(event.children)
-    return sorted(allocs, key=lambda e: e.start_time_ns)
-
-
-def _op(event) -> str:
-    return event.parent.name if event.parent is not None else "?"
+    allocs = sorted(allocs, key=lambda e: e.start_time_ns)
+    allocs = allocs[next(i for i, e in enumerate(allocs) if e.extra_fields.alloc_size == since):] if since else allocs
+    top = max(allocs, key=lambda e: e.extra_fields.total_allocated)
+    return allocs, top.extra_fields.total_allocated, top.parent.name if top.parent is not None else "?"
 
 
 def run_row(model: str, method: str, dtype: str, ckpt: bool, batch: int, train: str, eval_: str) -> dict:
@@ -82,15 +79,14 @@ def run_row(model: str, method: str, dtype: str, ckpt: bool, batch: int, train: 
         loop.load_for = load_for
     if result.status != "completed":
         raise RuntimeError(f"run did not complete: {result.status} {result.reason}")
-    allocs = allocation_events(prof)
-    at_peak = max(allocs, key=lambda e: e.extra_fields.total_allocated)
+    allocs, at_peak, op = allocations(prof)
     handed_out = {e.extra_fields.ptr for e in allocs if e.extra_fields.alloc_size > 0}
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                 for t in [*loaded[0][0].parameters(), *loaded[0][0].buffers()]}
-    peak = at_peak.extra_fields.total_allocated + sum(n for ptr, n in storages.items() if ptr not in handed_out)
+    peak = at_peak + sum(n for ptr, n in storages.items() if ptr not in handed_out)
     return {"model": model, "method": method, "dtype": dtype, "checkpointing": ckpt, "batch": batch, "seq_len": cfg.seq_len,
             "estimate_bytes": est.total_bytes, "estimate_phase": est.peak_phase, "estimate": est.describe(),
-            "peak_bytes": peak, "peak_op": _op(at_peak), "ratio": est.total_bytes / peak}
+            "peak_bytes": peak, "peak_op": op, "ratio": est.total_bytes / peak}
 
 
 def block_row(method: str, dtype: str, ckpt: bool, folder: Path) -> dict:
@@ -125,15 +121,13 @@ def block_row(method: str, dtype: str, ckpt: bool, folder: Path) -> dict:
         nll, target, valid, _ = token_nll(model, batch, with_correct=False)
         weighted_loss(nll, target, valid, cfg.prompt_loss_weight).backward()
     del start
-    allocs = allocation_events(prof)
-    first = next(i for i, e in enumerate(allocs) if e.extra_fields.alloc_size == marker)
-    at_peak = max(allocs[first:], key=lambda e: e.extra_fields.total_allocated)
+    allocs, at_peak, op = allocations(prof, since=marker)
     phases = dict(estimate(cfg, device="cpu").phases)
     phase = max(("backward start", "backward end"), key=phases.get)
-    measured = at_peak.extra_fields.total_allocated - allocs[first].extra_fields.total_allocated
+    measured = at_peak - allocs[0].extra_fields.total_allocated
     return {"model": f"2 x SmolLM2 block, vocab {BLOCK_VOCAB}", "method": method, "dtype": dtype, "checkpointing": ckpt,
             "batch": 4, "seq_len": 128, "estimate_bytes": phases[phase], "estimate_phase": phase, "peak_bytes": measured,
-            "peak_op": _op(at_peak), "ratio": phases[phase] / measured}
+            "peak_op": op, "ratio": phases[phase] / measured}
 
 
 def _rows(rows: list[dict]) -> list[list]:

@@ -1,7 +1,5 @@
 """Scale of the MLflow store (BENCHMARKS.md section 6): ``log_batch`` against ``log_metric``, and the UI's experiment page
 on a synthetic sweep served by ``mlflow server``."""
-from __future__ import annotations
-
 import os
 import signal
 import socket

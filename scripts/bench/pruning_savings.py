@@ -1,7 +1,5 @@
 """Pruning savings (BENCHMARKS.md section 2): lr.yaml's grid twice, with and without the stop rules, refinement off in both
 so that the grid cells match one to one: optimizer steps saved, the best configuration kept, divergence caught fast."""
-from __future__ import annotations
-
 import json
 import math
 import sys

@@ -1,7 +1,5 @@
 """Search efficiency (BENCHMARKS.md section 4): best held-out loss after k/2 and k trials of our TPE and random search
 and HF's Optuna search (TPE), over one spec's space, the same search seeds."""
-from __future__ import annotations
-
 import math
 import statistics
 import sys

@@ -1,7 +1,5 @@
 """Sweep overhead (BENCHMARKS.md sections 1 and 5): where a sweep's wall x slots goes, against HF
 ``hyperparameter_search`` on the same trials; and start-up, launch to the first optimizer step."""
-from __future__ import annotations
-
 import json
 import math
 import re

@@ -1,6 +1,4 @@
 """Trainer throughput (BENCHMARKS.md section 3): our loop against HF ``Trainer``, tokens/s over the optimizer steps."""
-from __future__ import annotations
-
 import resource
 import statistics
 import sys
