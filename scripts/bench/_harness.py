@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(doc: str, script: str, argv: list[str] | None, quick: dict, **defaults) -> tuple[argparse.Namespace, Report]:
-    """``--quick``, ``--out`` and a ``--name`` option per default, typed by it (a list appends, a bool is a flag:
-    ``--no-name`` for True); under --quick, ``quick``'s values. Then the report's header."""
+    """--quick, --out and an option a default, typed by it (a list appends; a bool is a flag, --no-NAME for True); under
+    --quick, ``quick``'s values. Then the report's header."""
     p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a smoke run on the tiny model (CI); not a measurement")
     p.add_argument("--out", metavar="FILE", help="also write the report (markdown) to FILE, every figure to FILE's .json")
@@ -63,8 +63,8 @@ class Report:
         self.lines: list[str] = []
         argv = sys.argv[1:] if argv is None else argv
         self.out = Path(out) if out else None
-        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                    if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in sh("cat", "/proc/cpuinfo").splitlines()
+                    if ln.startswith("model name")), platform.processor())
         found = ", ".join(f"{g['name']} ({g['memory_gib']:.0f} GiB, driver {g['driver']})" for g in gpus()) or "none"
         commit = (sh("git", "rev-parse", "--short", "HEAD") or "unknown") + ("-dirty" if sh("git", "status", "--porcelain") else "")
         self(f"command: python scripts/bench/{script} {shlex.join(argv)}".rstrip(), f"commit: {commit}; {time.strftime('%Y-%m-%d %H:%M')}",

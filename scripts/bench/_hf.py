@@ -13,8 +13,11 @@ def collator(pad_id: int):
     """Right-pads a batch to its longest row, as ``trainer.data.collate`` does."""
     import torch
     pad = {"input_ids": pad_id, "attention_mask": 0, "labels": -100}
-    return lambda batch: {k: torch.tensor([r[k] + [fill] * (max(len(r[k]) for r in batch) - len(r[k])) for r in batch])
-                          for k, fill in pad.items()}
+
+    def collate(batch: list[dict]) -> dict:
+        width = max(len(r["input_ids"]) for r in batch)
+        return {k: torch.tensor([r[k] + [fill] * (width - len(r[k])) for r in batch]) for k, fill in pad.items()}
+    return collate
 
 
 def data(cfg, tokenizer) -> tuple[list[dict], list[dict]]:

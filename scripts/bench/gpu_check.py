@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: this checkout's packages
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: the models are built here
 
 from scripts.bench._harness import ROOT, Report, cli, fmt, gpus, run_sweep, sh, spread, warm_store
 from scripts.bench.memory_estimate import real_sizes
@@ -122,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     args, rep = cli(__doc__, __file__, argv, quick, part="both", budget_s=0.0, override=[], warmup=True,
                     spec="search_spaces/lr.yaml", repeats=3, seed=0, models="llama-3.2-1b,llama-3.1-8b", batch_size=2,
                     seq_len=2048, steps=6)  # part: a, b or both (B first); budget_s: no step starts that would not end
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: the models are built here
     on_gpu, end = bool(gpus()) and not args.quick, time.time() + (args.budget_s or 1e9)
     results = {"b": real_sizes(args, rep, on_gpu, end)} if args.part in ("b", "both") else {}
     if args.part in ("a", "both"):

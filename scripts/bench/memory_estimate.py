@@ -12,7 +12,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: this checkout's packages
 
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import trainer.loop as loop
 from scripts.bench._harness import Report, child, cli, entry, fmt, gpus
+from trainer.config import TrainConfig
+from trainer.memory import estimate
+from trainer.methods import get_method
+from trainer.metrics import token_nll, weighted_loss
+from trainer.models import ensure_preset, load_tokenizer
+from trainer.quiet import quiet_libraries
 
 MIB = 1024**2
 HEADER = ["model", "method", "dtype", "checkpointing", "batch x seq", "estimate MiB", "measured MiB", "ratio", "estimated peak",
@@ -46,11 +56,10 @@ def write_data(folder: Path, n: int = 16) -> tuple[str, str]:
 def allocations(prof, since: int = 0) -> tuple[list, int, str]:
     """The profiler's CPU allocation events in order, from the first of size ``since`` (0: all); the highest running total
     among them and the op that allocated it."""
-    from torch._C._profiler import _EventType
     allocs, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         event = stack.pop()
-        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+        if event.tag == torch._C._profiler._EventType.Allocation and event.extra_fields.device.type == "cpu":
             allocs.append(event)
         stack.extend(event.children)
     allocs = sorted(allocs, key=lambda e: e.start_time_ns)
@@ -61,11 +70,6 @@ def allocations(prof, since: int = 0) -> tuple[list, int, str]:
 
 def run_row(model: str, method: str, dtype: str, ckpt: bool, batch: int, train: str, eval_: str) -> dict:
     """(In a fresh process.) One whole run under the memory profiler, next to its estimate."""
-    from torch.profiler import ProfilerActivity, profile
-
-    import trainer.loop as loop
-    from trainer.config import TrainConfig
-    from trainer.memory import estimate
     cfg = TrainConfig(model=model, method=method, dtype=dtype, gradient_checkpointing=ckpt, device="cpu", train_data=train,
                       eval_data=eval_, seq_len=SHAPES.get(model, (4, 128))[1], batch_size=batch, max_steps=3,
                       report_every=batch, eval_every=None, learning_rate=1e-4, threads=2, save_model=False)
@@ -92,14 +96,7 @@ def run_row(model: str, method: str, dtype: str, ckpt: bool, batch: int, train: 
 def block_row(method: str, dtype: str, ckpt: bool, folder: Path) -> dict:
     """One forward and backward pass (the loop's loss) of a random 2-block Llama of SmolLM2's block shape, batch 4 x 128
     with padding: the peak of live bytes above the weights, against the estimate's backward phases."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from trainer.config import TrainConfig
-    from trainer.memory import estimate
-    from trainer.methods import get_method
-    from trainer.metrics import token_nll, weighted_loss
     config = LlamaConfig(vocab_size=BLOCK_VOCAB, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
                          num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True)
     config.save_pretrained(folder)
@@ -161,10 +158,7 @@ def vocab_data(folder: Path, tokenizer, seq_len: int, n: int) -> tuple[str, str]
 def build(dims: dict | None, folder: str, device: str) -> dict:
     """(A fresh process.) A random-init bf16 model of ``dims`` (None: the tiny model's config), saved with SmolLM2's
     tokenizer (the vocabulary as published)."""
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
-
-    from trainer.models import ensure_preset, load_tokenizer
     tok = load_tokenizer(ensure_preset("smollm2-135m"))
     config = (AutoConfig.from_pretrained(ensure_preset("tiny"), local_files_only=True) if dims is None else
               LlamaConfig(**dims, max_position_embeddings=131072, bos_token_id=tok.bos_token_id,
@@ -179,10 +173,8 @@ def build(dims: dict | None, folder: str, device: str) -> dict:
 
 def train_row(cfg: dict) -> dict:
     """(A fresh process.) One run: status, peak memory, tokens/s and s/step after step 1 (the trainer's per-step reports)."""
-    from trainer.config import TrainConfig
-    from trainer.loop import train
     cfg, reports = TrainConfig(**cfg), []
-    result = train(cfg, lambda m, checkpoint=None: reports.append(dict(m)))
+    result = loop.train(cfg, lambda m, checkpoint=None: reports.append(dict(m)))
     steps = [r for r in reports if r.get("step") is not None]
     dts = [(b["train_time_s"] - a["train_time_s"], b["tokens_per_s"]) for a, b in zip(steps, steps[1:])]
     seconds = sum(dt for dt, _ in dts)
@@ -197,10 +189,6 @@ def real_sizes(args, rep: Report, on_gpu: bool, end: float) -> dict:
     def call(fn, *a) -> dict:
         return fn(*a) if args.quick else child(__file__, fn.__name__, *a, timeout=max(end - time.time(), 1))
 
-    from trainer.config import TrainConfig
-    from trainer.memory import estimate
-    from trainer.models import ensure_preset, load_tokenizer
-    from trainer.quiet import quiet_libraries
     quiet_libraries()  # --quick trains in this process
     warnings.filterwarnings("ignore", message=".*an autograd kernel was not registered.*")  # bitsandbytes on the CPU
     device, gpu_gib = ("cuda", gpus()[0]["memory_gib"]) if on_gpu else ("cpu", None)
