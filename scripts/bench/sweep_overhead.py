@@ -89,18 +89,12 @@ def startup_rep(spec_file: str, rep: int, out: Path, uri: str, slots: int) -> di
     """The spec's first ``slots`` trials, stopped once each has done its first optimizer step."""
     name, sweep_dir = f"bench-startup-{rep}", out / f"bench-startup-{rep}"
 
-    def first_steps() -> dict:
-        found = {}
-        for path in sweep_dir.glob("*/result.json"):
-            for line in path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line being written
-                if row.get("first_step_unix"):
-                    found[row["trial_id"]] = row
-                    break
-        return found
+    from sweeps.results.collect import trial_results
+
+    def first_steps() -> dict:  # trial id -> its first report that has done an optimizer step
+        reached = {t: [r for r in rows if r.get("first_step_unix")] for t, rows in
+                   (trial_results(sweep_dir) if sweep_dir.is_dir() else {}).items()}
+        return {t: rows[0] for t, rows in reached.items() if rows}
 
     timing = run_sweep(spec_file, [f"name={name}", f"output_dir={out}", f"search.n_trials={slots}", "tracking.uri=null",
                                    f"tracking.experiment={name}"], {"MLFLOW_TRACKING_URI": uri},
