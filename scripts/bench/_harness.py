@@ -119,13 +119,13 @@ def child(script: str, fn: str, *args, timeout: float = 3600) -> dict:
 
 
 def entry(main, scope: dict) -> None:
-    """A script run as a file: ``--child FN`` (from ``child``) answers ``FN(*stdin's JSON)`` on its last line; else main."""
+    """A script run as a file: ``--child FN`` (from ``child``) prints ``FN(*stdin's JSON)`` as JSON; else ``main()``."""
     if sys.argv[1:2] == ["--child"]:
         from trainer.quiet import quiet_libraries
         quiet_libraries()
         print(json.dumps(scope[sys.argv[2]](*json.load(sys.stdin)), default=str), flush=True)
-        sys.exit(0)
-    sys.exit(main())
+    else:
+        main()
 
 
 def stop_session(sid: int) -> None:

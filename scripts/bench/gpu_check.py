@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: this checkout's packages
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: the models are built here
 
-from scripts.bench._harness import ROOT, Report, cli, fmt, gpus, run_sweep, sh, spread, warm_store
+from scripts.bench._harness import ROOT, Report, cli, entry, fmt, gpus, run_sweep, sh, spread, warm_store
 from scripts.bench.memory_estimate import real_sizes
 
 HEADER_A = ["row", "resources", "runs", "wall s", "trials completed / run", "completed trials/hour", "mean GPU busy %",
@@ -118,7 +118,7 @@ def part_a(args, rep: Report, on_gpu: bool, end: float) -> dict:
     return {"runs": runs, "overrides": base}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     quick = {"spec": "search_spaces/smoke.yaml", "repeats": 1, "warmup": False, "batch_size": 2, "seq_len": 128, "steps": 2}
     args, rep = cli(__doc__, __file__, argv, quick, part="both", budget_s=0.0, override=[], warmup=True,
                     spec="search_spaces/lr.yaml", repeats=3, seed=0, models="llama-3.2-1b,llama-3.1-8b", batch_size=2,
@@ -128,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("a", "both"):
         results["a"] = part_a(args, rep, on_gpu, end)
     rep.save(results)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry(main, globals())

@@ -235,7 +235,7 @@ def real_sizes(args, rep: Report, on_gpu: bool, end: float) -> dict:
     return {"rows": rows, "device": device}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     args, rep = cli(__doc__, __file__, argv, {"models": "tiny", "dtypes": "float32"}, models="tiny,smollm2-135m",
                     methods="full,lora,last_layer", dtypes="float32", checkpointing="off,on", jobs=1, no_blocks=False)
     methods, dtypes = args.methods.split(","), args.dtypes.split(",")
@@ -259,7 +259,6 @@ def main(argv: list[str] | None = None) -> int:
     rep(f"worst ratio {worst['ratio']:.2f} ({worst['model']} {worst['method']} {worst['dtype']}); all within 25%: "
         f"{all(0.75 <= r['ratio'] <= 1.25 for r in rows + block_rows)}")
     rep.save({"rows": rows, "block_rows": block_rows})
-    return 0
 
 
 if __name__ == "__main__":

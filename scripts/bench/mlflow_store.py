@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: this checkout's packages
 
-from scripts.bench._harness import cli, fmt, spread
+from scripts.bench._harness import cli, entry, fmt, spread
 
 KEYS = ("train_loss", "train_loss_ema", "eval_loss", "grad_norm", "lr")  # what a trial reports
 LIMIT = 1000  # metrics per log_batch call (the REST limit)
@@ -104,7 +104,7 @@ def bench_ui(base: str, experiment: str, children: list[str], trials: int, point
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     args, rep = cli(__doc__, __file__, argv, {"points": 500, "reps": 1, "trials": 10, "points_per_trial": 50}, points=2000,
                     reps=3, trials=100, points_per_trial=200)
     from mlflow.tracking import MlflowClient
@@ -131,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
               f"Synthetic sweep: 1 parent + {args.trials} child runs x {args.points_per_trial} points (built in {build_s:.1f} s, "
               f"{db_mb:.1f} MB), mlflow server --workers 1, median (min-max) of {UI_REPEATS} after a warm-up call:")
     rep.save({"logging_s": seconds, "ui": ui})
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry(main, globals())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: this checkout's packages
 
-from scripts.bench._harness import ROOT, cli, fmt, run_sweep
+from scripts.bench._harness import ROOT, cli, entry, fmt, run_sweep
 
 BOTH = ["search.refine=null"]  # refinement proposes LRs from each run's own results: the two runs would differ
 # every stop rule off: no Optuna rule, divergence thresholds nothing reaches, no trainer-side smoothed-loss stop
@@ -83,7 +83,7 @@ def measure(dirs: dict[str, Path]) -> dict:
                        "outcome_pruned": cells["pruned"][c].outcome, "outcome_unpruned": cells["unpruned"][c].outcome} for c in both]}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     args, rep = cli(__doc__, __file__, argv, {"spec": "search_spaces/smoke.yaml"}, spec="search_spaces/lr.yaml",
                     set=[], keep="")  # set: overrides for both runs; keep: a folder for the two sweeps (default: temporary)
     with tempfile.TemporaryDirectory(prefix="bench-pruning-") as tmp:
@@ -130,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
               [[*(c[f] for f in m["keys"]), c["steps_pruned"], c["steps_unpruned"], c["outcome_pruned"], c["outcome_unpruned"]]
                for c in m["cells"]], "All matched cells:")
     rep.save(m)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry(main, globals())

@@ -64,7 +64,7 @@ def best_after(trials: list[dict], k: int) -> float | None:
     return min((t["value"] for t in trials[:k] if t["value"] is not None), default=None)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     args, rep = cli(__doc__, __file__, argv, {"seeds": "0", "trials": 4}, spec="search_spaces/tpe.yaml", seeds="0,1,2",
                     trials=16)  # trials per search: the best after half and after all
     seeds, ks = [int(s) for s in args.seeds.split(",")], (args.trials // 2, args.trials)
@@ -96,7 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     rep(f"TPE vs random at {ks[1]}: median {fmt(tpe['median'][ks[1]], 3)} vs {fmt(rnd['median'][ks[1]], 3)}; "
         f"TPE <= random in {sum(a <= b for a, b in pairs)} of {len(pairs)} seeds")
     rep.save({"ks": ks, "l0": l0, "summary": summary, "runs": runs})
-    return 0
 
 
 if __name__ == "__main__":

@@ -153,7 +153,7 @@ def run_hf(sweep_dir: Path, n: int | None, threads: int) -> dict:
             "useful_share": (res["train_s"] + res["eval_s"]) / search}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     args, rep = cli(__doc__, __file__, argv, {"spec": "search_spaces/smoke.yaml", "reps": 1}, spec="search_spaces/lr.yaml",
                     hf_trials=6, reps=3)  # HF: the sweep's first N trials (0: none); start-up reps
     args.hf_trials = min(args.hf_trials, 4) if args.quick else args.hf_trials
@@ -205,7 +205,6 @@ def main(argv: list[str] | None = None) -> int:
                 ", ".join(fmt(x) for x in v) or "-", fmt(sweep["startup"][k])] for k, label in MILESTONES.items()],
               f"Start-up (warm model cache; {len(reps)} short run(s) of the spec's first {slots} trials):")
     rep.save({"sweep": sweep, "hf": hf, "startup_reps": reps})
-    return 0
 
 
 if __name__ == "__main__":

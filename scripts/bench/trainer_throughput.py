@@ -81,7 +81,7 @@ def measure(args, method: str) -> dict:
             "s_step": {impl: [r["seconds"] / args.steps for r in rs] for impl, rs in runs.items()}}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     args, rep = cli(__doc__, __file__, argv, {"model": "tiny", "steps": 4, "reps": 1}, model="smollm2-135m",
                     methods="full,lora,last_layer", steps=12, batch_size=4, reps=3, threads=2, device="cpu", dtype="float32")
     rows = [measure(args, m) for m in args.methods.split(",")]
@@ -93,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
                         r["verdict"], spread(r["peak_mb"]["ours"], 0), spread(r["peak_mb"]["hf"], 0),
                         spread(r["s_step"]["ours"], 3), spread(r["s_step"]["hf"], 3)] for r in rows])
     rep.save({"rows": rows})
-    return 0
 
 
 if __name__ == "__main__":
