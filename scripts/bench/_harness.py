@@ -24,11 +24,11 @@ def cli(doc: str, script: str, argv: list[str] | None, quick: dict, **defaults) 
     --quick, ``quick``'s values. Then the report's header."""
     p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a smoke run on the tiny model (CI); not a measurement")
-    p.add_argument("--out", metavar="FILE", help="also write the report (markdown) to FILE, every figure to FILE's .json")
+    p.add_argument("--out", metavar="FILE", help="also write the report to FILE, its figures to FILE's .json")
     for name, default in defaults.items():
         flag = name.replace("_", "-")
-        if isinstance(default, bool):
-            p.add_argument(f"--no-{flag}" if default else f"--{flag}", dest=name, action="store_false" if default else "store_true")
+        if isinstance(default, bool):  # a flag that flips it
+            p.add_argument(f"--no-{flag}" if default else f"--{flag}", dest=name, action=f"store_{not default}".lower())
         elif isinstance(default, list):
             p.add_argument(f"--{flag}", action="append", default=[], metavar="KEY=VALUE")
         else:
@@ -66,7 +66,8 @@ class Report:
         cpu = next((ln.split(":", 1)[1].strip() for ln in sh("cat", "/proc/cpuinfo").splitlines()
                     if ln.startswith("model name")), platform.processor())
         found = ", ".join(f"{g['name']} ({g['memory_gib']:.0f} GiB, driver {g['driver']})" for g in gpus()) or "none"
-        commit = (sh("git", "rev-parse", "--short", "HEAD") or "unknown") + ("-dirty" if sh("git", "status", "--porcelain") else "")
+        commit = sh("git", "rev-parse", "--short", "HEAD") or "unknown"
+        commit += "-dirty" if sh("git", "status", "--porcelain") else ""
         self(f"command: python scripts/bench/{script} {shlex.join(argv)}".rstrip(), f"commit: {commit}; {time.strftime('%Y-%m-%d %H:%M')}",
              f"machine: {platform.platform()}, CPU {cpu}, {cpus()} cores; GPU: {found}; Python {platform.python_version()}",
              "versions: " + ", ".join(f"{n} {_version(n)}" for n in ("torch", "transformers", "peft", "ray", "optuna", "mlflow")))
@@ -110,8 +111,8 @@ def spread(values: list, digits: int = 1) -> str:
 def child(script: str, fn: str, *args, timeout: float = 3600) -> dict:
     """``fn(*args)`` of SCRIPT in a fresh process (its own peak memory and imports); arguments and answer as JSON."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.run([sys.executable, script, "--child", fn], input=json.dumps(args), cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    proc = subprocess.run([sys.executable, script, "--child", fn], input=json.dumps(args), cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{Path(script).name} {fn} {json.dumps(args)[:300]} failed (exit {proc.returncode}):\n"
                            + proc.stderr[-4000:])

@@ -1,8 +1,4 @@
-"""GPU check (BENCHMARKS.md section 7). Part A: lr.yaml through the product (Ray Tune), trials packed by ``resources: auto``
-against one per GPU, after a warm-up, the two rows in shuffled order ``--repeats`` times; only completed trials count.
-Part B (``--part b``, no Ray): LoRA, QLoRA and full fine-tuning of random-init Llama-3.2-1B and -3.1-8B sizes through
-``trainer.loop.train``: the memory estimate against the measured peak, and tokens/s beside torchtune's published figures.
-"""
+"""GPU check (BENCHMARKS.md section 7): A, trials packed through Ray Tune; B, real model sizes (memory_estimate)."""
 import contextlib
 import importlib.util
 import json
@@ -64,7 +60,8 @@ def a_sweep(spec: str, overrides: list[str], tmp: Path, tag: str, on_gpu: bool, 
         now += step
         most = max(most, now)
     return {"wall_s": t["wall_s"], "trials": len(finals), "completed": completed, "per_hour": completed * 3600 / t["wall_s"],
-            "gpu_busy": statistics.mean(busy) if busy else None, "at_once": most or None, "shares": sorted({f["gpu_share"] for f in finals if f.get("gpu_share")}),
+            "gpu_busy": statistics.mean(busy) if busy else None, "at_once": most or None,
+            "shares": sorted({f["gpu_share"] for f in finals if f.get("gpu_share")}),
             "peak_gib": max(peaks)[0] if peaks else None, "estimate_gib": max(peaks)[1] if peaks else None}
 
 
@@ -119,7 +116,7 @@ def part_a(args, rep: Report, on_gpu: bool, end: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    quick = {"spec": "search_spaces/smoke.yaml", "repeats": 1, "warmup": False, "batch_size": 2, "seq_len": 128, "steps": 2}
+    quick = dict(spec="search_spaces/smoke.yaml", repeats=1, warmup=False, batch_size=2, seq_len=128, steps=2)
     args, rep = cli(__doc__, __file__, argv, quick, part="both", budget_s=0.0, override=[], warmup=True,
                     spec="search_spaces/lr.yaml", repeats=3, seed=0, models="llama-3.2-1b,llama-3.1-8b", batch_size=2,
                     seq_len=2048, steps=6)  # part: a, b or both (B first); budget_s: no step starts that would not end

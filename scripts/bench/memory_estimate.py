@@ -54,8 +54,8 @@ def write_data(folder: Path, n: int = 16) -> tuple[str, str]:
 
 
 def allocations(prof, since: int = 0) -> tuple[list, int, str]:
-    """The profiler's CPU allocation events in order, from the first of size ``since`` (0: all); the highest running total
-    among them and the op that allocated it."""
+    """The profiler's CPU allocations in order, from the first of size ``since`` (0: all); their highest running total
+    and the op that allocated it."""
     allocs, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         event = stack.pop()
@@ -136,7 +136,8 @@ def _rows(rows: list[dict]) -> list[list]:
 def block_rows(methods: list[str], dtypes: list[str], ckpts: list[bool]) -> dict:
     """(A fresh process.) ``block_row`` for each method, dtype and checkpointing."""
     with tempfile.TemporaryDirectory(prefix="bench-mem-block-") as tmp:
-        return {"rows": [block_row(m, d, c, Path(tmp) / f"{m}-{d}-{c}") for m in methods for d in dtypes for c in ckpts]}
+        return {"rows": [block_row(m, d, c, Path(tmp) / f"{m}-{d}-{c}") for m in methods for d in dtypes
+                         for c in ckpts]}
 
 
 def vocab_data(folder: Path, tokenizer, seq_len: int, n: int) -> tuple[str, str]:
@@ -172,7 +173,7 @@ def build(dims: dict | None, folder: str, device: str) -> dict:
 
 
 def train_row(cfg: dict) -> dict:
-    """(A fresh process.) One run: status, peak memory, tokens/s and s/step after step 1 (the trainer's per-step reports)."""
+    """(A fresh process.) One run: status, peak memory, tokens/s and s/step after step 1 (from its reports)."""
     cfg, reports = TrainConfig(**cfg), []
     result = loop.train(cfg, lambda m, checkpoint=None: reports.append(dict(m)))
     steps = [r for r in reports if r.get("step") is not None]
@@ -184,8 +185,8 @@ def train_row(cfg: dict) -> dict:
 
 
 def real_sizes(args, rep: Report, on_gpu: bool, end: float) -> dict:
-    """gpu_check.py's part B. Each build and run a fresh process, for its own peak: an out-of-memory or a timeout ends that
-    step only (--quick: here)."""
+    """gpu_check.py's part B. Each build and run a fresh process, for its own peak: an out-of-memory or a timeout ends
+    that step only (--quick: here)."""
     def call(fn, *a) -> dict:
         return fn(*a) if args.quick else child(__file__, fn.__name__, *a, timeout=max(end - time.time(), 1))
 
@@ -196,7 +197,8 @@ def real_sizes(args, rep: Report, on_gpu: bool, end: float) -> dict:
     rows = []
     with tempfile.TemporaryDirectory(prefix="gpu-check-b-") as tmp_name:
         tmp = Path(tmp_name)
-        train_path, eval_path = vocab_data(tmp, load_tokenizer(ensure_preset("smollm2-135m")), args.seq_len, args.steps * args.batch_size + 2)
+        train_path, eval_path = vocab_data(tmp, load_tokenizer(ensure_preset("smollm2-135m")), args.seq_len,
+                                           args.steps * args.batch_size + 2)
         base = dict(dtype="bfloat16", gradient_checkpointing=True, device=device, batch_size=args.batch_size, seq_len=args.seq_len,
                     max_steps=args.steps, learning_rate=1e-5, warmup_ratio=0.0, scheduler="constant", report_every=args.batch_size,
                     eval_every=None, memorization=False, forgetting=False, weight_change=False, train_data=train_path,

@@ -105,7 +105,7 @@ def bench_ui(base: str, experiment: str, children: list[str], trials: int, point
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, rep = cli(__doc__, __file__, argv, {"points": 500, "reps": 1, "trials": 10, "points_per_trial": 50}, points=2000,
+    args, rep = cli(__doc__, __file__, argv, dict(points=500, reps=1, trials=10, points_per_trial=50), points=2000,
                     reps=3, trials=100, points_per_trial=200)
     from mlflow.tracking import MlflowClient
     with tempfile.TemporaryDirectory(prefix="bench-mlflow-") as tmp_name:

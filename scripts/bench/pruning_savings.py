@@ -85,7 +85,7 @@ def measure(dirs: dict[str, Path]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args, rep = cli(__doc__, __file__, argv, {"spec": "search_spaces/smoke.yaml"}, spec="search_spaces/lr.yaml",
-                    set=[], keep="")  # set: overrides for both runs; keep: a folder for the two sweeps (default: temporary)
+                    set=[], keep="")  # set: overrides for both runs; keep: a folder for the two sweeps (else temporary)
     with tempfile.TemporaryDirectory(prefix="bench-pruning-") as tmp:
         out = Path(args.keep or tmp).resolve()
 

@@ -154,8 +154,8 @@ def run_hf(sweep_dir: Path, n: int | None, threads: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, rep = cli(__doc__, __file__, argv, {"spec": "search_spaces/smoke.yaml", "reps": 1}, spec="search_spaces/lr.yaml",
-                    hf_trials=6, reps=3)  # HF: the sweep's first N trials (0: none); start-up reps
+    args, rep = cli(__doc__, __file__, argv, dict(spec="search_spaces/smoke.yaml", reps=1), hf_trials=6, reps=3,
+                    spec="search_spaces/lr.yaml")  # HF: the sweep's first N trials (0: none); start-up reps
     args.hf_trials = min(args.hf_trials, 4) if args.quick else args.hf_trials
     from sweeps.spec import SweepSpec, load_spec
     with tempfile.TemporaryDirectory(prefix="bench-sweep-overhead-") as tmp_name:
@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
         sweep = analyse_sweep(sweep_dir, timing, slots)
         spec_file = tmp / "spec.yaml"  # the sweep's own spec, so the start-up reps run the same trials
         spec_file.write_text(json.dumps({k: v for k, v in saved.items() if k != "source"}))
-        hf_run = lambda: run_hf(sweep_dir, args.hf_trials, min(timing["cpus"], slots)) if args.hf_trials else None  # noqa: E731
+        def hf_run():
+            return run_hf(sweep_dir, args.hf_trials, min(timing["cpus"], slots)) if args.hf_trials else None
         with ThreadPoolExecutor(1) as pool:  # HF before the start-up reps; --quick: beside them, to halve the wall
             hf = pool.submit(hf_run) if args.quick else hf_run()
             reps = [startup_rep(str(spec_file), i + 1, tmp / "startup", uri, slots) for i in range(args.reps)]

@@ -24,8 +24,8 @@ def one(a: dict, impl: str, method: str) -> dict:
     from trainer.loop import train
     from trainer.models import load_tokenizer, resolve_model_dir
     cfg = TrainConfig(model=a["model"], method=method, train_data=TRAIN_DATA, eval_data="builtin:facts-heldout:4",
-                      seq_len=SEQ_LEN, learning_rate=1e-4, batch_size=a["batch_size"], max_steps=a["steps"], warmup_ratio=0.0,
-                      scheduler="constant", threads=a["threads"], device=a["device"], dtype=a["dtype"], eval_every=None,
+                      seq_len=SEQ_LEN, learning_rate=1e-4, batch_size=a["batch_size"], max_steps=a["steps"], eval_every=None,
+                      warmup_ratio=0.0, scheduler="constant", threads=a["threads"], device=a["device"], dtype=a["dtype"],
                       memorization=False, forgetting=False, weight_change=False, save_model=False)
     tokenizer = load_tokenizer(resolve_model_dir(cfg.model))
     peak_mb = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # noqa: E731
@@ -35,7 +35,8 @@ def one(a: dict, impl: str, method: str) -> dict:
             raise RuntimeError(f"our trainer did not complete: {result.status} {result.reason}")
         stream = example_stream(tokenize(read_examples(TRAIN_DATA), tokenizer, SEQ_LEN), seed=cfg.seed)
         return {"tokens": sum(len(next(stream).input_ids) for _ in range(cfg.max_steps * cfg.batch_size)),
-                "seconds": result.metrics["train_time_s"], "trainable": result.metrics["trainable_params"], "peak_mb": peak_mb()}
+                "peak_mb": peak_mb(), "seconds": result.metrics["train_time_s"],
+                "trainable": result.metrics["trainable_params"]}
     from transformers import Trainer, TrainerCallback  # only here: the HF process's peak memory, not ours
 
     from scripts.bench import _hf
@@ -82,13 +83,13 @@ def measure(args, method: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, rep = cli(__doc__, __file__, argv, {"model": "tiny", "steps": 4, "reps": 1}, model="smollm2-135m",
-                    methods="full,lora,last_layer", steps=12, batch_size=4, reps=3, threads=2, device="cpu", dtype="float32")
+    args, rep = cli(__doc__, __file__, argv, dict(model="tiny", steps=4, reps=1), model="smollm2-135m", steps=12,
+                    methods="full,lora,last_layer", batch_size=4, reps=3, threads=2, device="cpu", dtype="float32")
     rows = [measure(args, m) for m in args.methods.split(",")]
     rep(f"model {args.model}, {TRAIN_DATA} seq_len {SEQ_LEN}, batch {args.batch_size}, {args.steps} optimizer steps, "
         f"{args.threads} torch threads, {args.device} {args.dtype}; each run a fresh process, ours and HF interleaved; "
-        f"median (min-max) of {args.reps}; time = the optimizer steps on both sides; parity = |ratio - 1| within either "
-        "side's spread", "")
+        f"median (min-max) of {args.reps}; time = the optimizer steps on both sides; parity = |ratio - 1| within "
+        "either side's spread", "")
     rep.table(HEADER, [[r["method"], spread(r["tok_s"]["ours"], 0), spread(r["tok_s"]["hf"], 0), f"{r['ratio']:.2f}",
                         r["verdict"], spread(r["peak_mb"]["ours"], 0), spread(r["peak_mb"]["hf"], 0),
                         spread(r["s_step"]["ours"], 3), spread(r["s_step"]["hf"], 3)] for r in rows])
