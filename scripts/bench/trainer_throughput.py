@@ -24,9 +24,10 @@ def one(a: dict, impl: str, method: str) -> dict:
     from trainer.loop import train
     from trainer.models import load_tokenizer, resolve_model_dir
     cfg = TrainConfig(model=a["model"], method=method, train_data=TRAIN_DATA, eval_data="builtin:facts-heldout:4",
-                      seq_len=SEQ_LEN, learning_rate=1e-4, batch_size=a["batch_size"], max_steps=a["steps"], eval_every=None,
-                      warmup_ratio=0.0, scheduler="constant", threads=a["threads"], device=a["device"], dtype=a["dtype"],
-                      memorization=False, forgetting=False, weight_change=False, save_model=False)
+                      seq_len=SEQ_LEN, learning_rate=1e-4, batch_size=a["batch_size"], max_steps=a["steps"],
+                      warmup_ratio=0.0, scheduler="constant", threads=a["threads"], device=a["device"],
+                      dtype=a["dtype"], eval_every=None, memorization=False, forgetting=False, weight_change=False,
+                      save_model=False)
     tokenizer = load_tokenizer(resolve_model_dir(cfg.model))
     peak_mb = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # noqa: E731
     if impl == "ours":
