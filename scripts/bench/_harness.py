@@ -19,20 +19,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def parser(doc: str) -> argparse.ArgumentParser:
+def cli(doc: str, script: str, argv: list[str] | None, quick: dict, **defaults) -> tuple[argparse.Namespace, Report]:
+    """--quick, --out and an option a default, typed by it (a list appends; a bool is a flag, --no-NAME for True); under
+    --quick, ``quick``'s values. Then the report's header."""
     p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a smoke run on the tiny model (CI); not a measurement")
-    p.add_argument("--out", metavar="FILE", help="also write the report (markdown) to FILE and every figure to FILE's .json")
-    return p
-
-
-def options(p: argparse.ArgumentParser, **defaults) -> None:
-    """``--name`` options, each typed by its default."""
+    p.add_argument("--out", metavar="FILE", help="also write the report to FILE, its figures to FILE's .json")
     for name, default in defaults.items():
-        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
+        flag = name.replace("_", "-")
+        if isinstance(default, bool):  # a flag that flips it
+            p.add_argument(f"--no-{flag}" if default else f"--{flag}", dest=name, action=f"store_{not default}".lower())
+        elif isinstance(default, list):
+            p.add_argument(f"--{flag}", action="append", default=[], metavar="KEY=VALUE")
+        else:
+            p.add_argument(f"--{flag}", type=type(default), default=default)
+    args = p.parse_args(argv)
+    if args.quick:
+        vars(args).update(quick)
+    return args, Report(Path(script).name, argv, args.quick, args.out)
 
 
-def _sh(*cmd: str) -> str:
+def sh(*cmd: str) -> str:
     try:
         return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -40,7 +47,7 @@ def _sh(*cmd: str) -> str:
 
 
 def gpus() -> list[dict]:
-    out = _sh("nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader,nounits")
+    out = sh("nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader,nounits")
     return [{"name": n.strip(), "memory_gib": float(m) / 1024, "driver": d.strip()} for n, m, d in
             (line.split(",") for line in out.splitlines() if line.strip())]
 
@@ -56,10 +63,11 @@ class Report:
         self.lines: list[str] = []
         argv = sys.argv[1:] if argv is None else argv
         self.out = Path(out) if out else None
-        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                    if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in sh("cat", "/proc/cpuinfo").splitlines()
+                    if ln.startswith("model name")), platform.processor())
         found = ", ".join(f"{g['name']} ({g['memory_gib']:.0f} GiB, driver {g['driver']})" for g in gpus()) or "none"
-        commit = (_sh("git", "rev-parse", "--short", "HEAD") or "unknown") + ("-dirty" if _sh("git", "status", "--porcelain") else "")
+        commit = sh("git", "rev-parse", "--short", "HEAD") or "unknown"
+        commit += "-dirty" if sh("git", "status", "--porcelain") else ""
         self(f"command: python scripts/bench/{script} {shlex.join(argv)}".rstrip(), f"commit: {commit}; {time.strftime('%Y-%m-%d %H:%M')}",
              f"machine: {platform.platform()}, CPU {cpu}, {cpus()} cores; GPU: {found}; Python {platform.python_version()}",
              "versions: " + ", ".join(f"{n} {_version(n)}" for n in ("torch", "transformers", "peft", "ray", "optuna", "mlflow")))
@@ -100,18 +108,25 @@ def spread(values: list, digits: int = 1) -> str:
         f"{fmt(statistics.median(v), digits)} ({fmt(min(v), digits)}-{fmt(max(v), digits)})"
 
 
-def child(script: str, args: list[str], timeout: float = 3600) -> dict:
-    """``python SCRIPT ARGS`` in a fresh process (its own peak memory and imports); its last stdout line, as JSON."""
+def child(script: str, fn: str, *args, timeout: float = 3600) -> dict:
+    """``fn(*args)`` of SCRIPT in a fresh process (its own peak memory and imports); arguments and answer as JSON."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run([sys.executable, script, "--child", fn], input=json.dumps(args), cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"{Path(script).name} {shlex.join(args)[:300]} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{Path(script).name} {fn} {json.dumps(args)[:300]} failed (exit {proc.returncode}):\n"
+                           + proc.stderr[-4000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def answer(result: dict) -> int:
-    print(json.dumps(result, default=str), flush=True)
-    return 0
+def entry(main, scope: dict) -> None:
+    """A script run as a file: ``--child FN`` (from ``child``) prints ``FN(*stdin's JSON)`` as JSON; else ``main()``."""
+    if sys.argv[1:2] == ["--child"]:
+        from trainer.quiet import quiet_libraries
+        quiet_libraries()
+        print(json.dumps(scope[sys.argv[2]](*json.load(sys.stdin)), default=str), flush=True)
+    else:
+        main()
 
 
 def stop_session(sid: int) -> None:

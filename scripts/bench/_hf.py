@@ -1,41 +1,30 @@
 """The Hugging Face peer: our tokenized data as an HF dataset, its collator, and ``TrainingArguments`` from the product's
 own conversion (``sweeps.results.export.hf_training_args``), so HF trains what the trial trained."""
-from __future__ import annotations
-
 from pathlib import Path
 
 
-class HFDataset:
+def rows(examples) -> list[dict]:
     """Our examples as HF rows: input_ids, attention_mask, labels (-100 off the completion, as our loss)."""
-
-    def __init__(self, examples):
-        self.rows = [{"input_ids": list(e.input_ids), "attention_mask": [1] * len(e.input_ids),
-                      "labels": [t if is_target else -100 for t, is_target in zip(e.input_ids, e.target)]} for e in examples]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.rows[i]
+    return [{"input_ids": list(e.input_ids), "attention_mask": [1] * len(e.input_ids),
+             "labels": [t if is_target else -100 for t, is_target in zip(e.input_ids, e.target)]} for e in examples]
 
 
-class PadCollator:
+def collator(pad_id: int):
     """Right-pads a batch to its longest row, as ``trainer.data.collate`` does."""
+    import torch
+    pad = {"input_ids": pad_id, "attention_mask": 0, "labels": -100}
 
-    def __init__(self, pad_id: int):
-        self.pad = {"input_ids": pad_id, "attention_mask": 0, "labels": -100}
-
-    def __call__(self, rows: list[dict]) -> dict:
-        import torch
-        width = max(len(r["input_ids"]) for r in rows)
-        return {k: torch.tensor([r[k] + [fill] * (width - len(r[k])) for r in rows]) for k, fill in self.pad.items()}
+    def collate(batch: list[dict]) -> dict:
+        width = max(len(r["input_ids"]) for r in batch)
+        return {k: torch.tensor([r[k] + [fill] * (width - len(r[k])) for r in batch]) for k, fill in pad.items()}
+    return collate
 
 
-def data(cfg, tokenizer) -> tuple[HFDataset, HFDataset]:
+def data(cfg, tokenizer) -> tuple[list[dict], list[dict]]:
     """Train and eval examples exactly as our loop reads them (``trainer.data.run_records``, then tokenized)."""
     from trainer.data import run_records, tokenize
     train, evals = run_records(cfg)
-    return HFDataset(tokenize(train, tokenizer, cfg.seq_len)), HFDataset(tokenize(evals, tokenizer, cfg.seq_len))
+    return rows(tokenize(train, tokenizer, cfg.seq_len)), rows(tokenize(evals, tokenizer, cfg.seq_len))
 
 
 def hf_fields(cfg, n_train: int, cadence: bool = True) -> dict:
@@ -82,7 +71,7 @@ def search(base, cfg_of, n_trials: int, cadence: bool = True, callbacks=(), **se
     with tempfile.TemporaryDirectory(prefix="bench-hf-search-") as tmp:
         targs = training_args(base, len(train_ds), tmp, cadence, per_device_eval_batch_size=len(eval_ds), logging_strategy="no")
         trainer = Trainer(model_init=lambda trial: model_init(cfg_of(trial) if trial is not None else base), args=targs,
-                          train_dataset=train_ds, eval_dataset=eval_ds, data_collator=PadCollator(tokenizer.pad_token_id),
+                          train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator(tokenizer.pad_token_id),
                           callbacks=list(callbacks))
         trainer.remove_callback(PrinterCallback)  # it prints log dicts on stdout, where a child's answer goes
         begin = time.time()

@@ -1,22 +1,28 @@
-"""Memory estimate (BENCHMARKS.md section 8): ``trainer.memory.estimate(cfg)`` against the peak of live tensor bytes of a
-whole ``train(cfg)`` run (torch profiler's CPU allocator events, plus the weights safetensors maps), each in a fresh process;
-and one training step of a 2-block, 1,024-vocabulary model, where the logits hide no activation term.
-
-    python scripts/bench/memory_estimate.py [--models tiny,smollm2-135m] [--dtypes float32,bfloat16] [--jobs 2] [--quick] [--out FILE]
-"""
-from __future__ import annotations
-
-import argparse
+"""Memory estimate (BENCHMARKS.md section 8; ``real_sizes`` is gpu_check.py's part B, section 7): ``trainer.memory``'s
+estimate against measured peaks."""
 import json
 import random
+import shutil
 import sys
 import tempfile
+import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: this checkout's packages
 
-from scripts.bench._harness import Report, answer, child, options, parser
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import trainer.loop as loop
+from scripts.bench._harness import Report, child, cli, entry, fmt, gpus
+from trainer.config import TrainConfig
+from trainer.memory import estimate
+from trainer.methods import get_method
+from trainer.metrics import token_nll, weighted_loss
+from trainer.models import ensure_preset, load_tokenizer
+from trainer.quiet import quiet_libraries
 
 MIB = 1024**2
 HEADER = ["model", "method", "dtype", "checkpointing", "batch x seq", "estimate MiB", "measured MiB", "ratio", "estimated peak",
@@ -24,6 +30,15 @@ HEADER = ["model", "method", "dtype", "checkpointing", "batch x seq", "estimate 
 SHAPES = {"tiny": (8, 64), "smollm2-135m": (4, 128)}  # (batch, seq_len)
 TRAINING_PEAK_BATCH = 16  # --quick: the tiny model's training step sets the peak at this batch (else an eval batch does)
 BLOCK_VOCAB = 1024
+LLAMA = {  # published dimensions; no weights are read
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)}
+B_ROWS = [("lora", {"method": "lora"}), ("qlora", {"method": "lora", "quantization": "4bit"}), ("full", {"method": "full"})]
+B_8BIT = ("full", {"method": "full", "optimizer": "adamw_8bit"})
+# torchtune README, "Memory and training speed": Llama-3.1-8B, 1x RTX 4090, batch 2 packed to 2048, torch.compile
+TORCHTUNE = {"lora": "16.2 GiB, 3083 tok/s", "qlora": "7.4 GiB, 2413 tok/s", "full": "18.9 GiB, 1650 tok/s"}
 WORDS = "river stone lantern copper meadow violin harbor cedar orbit marble thunder basil quartz falcon ember".split()
 
 
@@ -38,28 +53,23 @@ def write_data(folder: Path, n: int = 16) -> tuple[str, str]:
     return paths[0], paths[1]
 
 
-def allocation_events(prof) -> list:
-    from torch._C._profiler import _EventType
+def allocations(prof, since: int = 0) -> tuple[list, int, str]:
+    """The profiler's CPU allocations in order, from the first of size ``since`` (0: all); their highest running total
+    and the op that allocated it."""
     allocs, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         event = stack.pop()
-        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+        if event.tag == torch._C._profiler._EventType.Allocation and event.extra_fields.device.type == "cpu":
             allocs.append(event)
         stack.extend(event.children)
-    return sorted(allocs, key=lambda e: e.start_time_ns)
-
-
-def _op(event) -> str:
-    return event.parent.name if event.parent is not None else "?"
+    allocs = sorted(allocs, key=lambda e: e.start_time_ns)
+    allocs = allocs[next(i for i, e in enumerate(allocs) if e.extra_fields.alloc_size == since):] if since else allocs
+    top = max(allocs, key=lambda e: e.extra_fields.total_allocated)
+    return allocs, top.extra_fields.total_allocated, top.parent.name if top.parent is not None else "?"
 
 
 def run_row(model: str, method: str, dtype: str, ckpt: bool, batch: int, train: str, eval_: str) -> dict:
     """(In a fresh process.) One whole run under the memory profiler, next to its estimate."""
-    from torch.profiler import ProfilerActivity, profile
-
-    import trainer.loop as loop
-    from trainer.config import TrainConfig
-    from trainer.memory import estimate
     cfg = TrainConfig(model=model, method=method, dtype=dtype, gradient_checkpointing=ckpt, device="cpu", train_data=train,
                       eval_data=eval_, seq_len=SHAPES.get(model, (4, 128))[1], batch_size=batch, max_steps=3,
                       report_every=batch, eval_every=None, learning_rate=1e-4, threads=2, save_model=False)
@@ -73,28 +83,20 @@ def run_row(model: str, method: str, dtype: str, ckpt: bool, batch: int, train: 
         loop.load_for = load_for
     if result.status != "completed":
         raise RuntimeError(f"run did not complete: {result.status} {result.reason}")
-    allocs = allocation_events(prof)
-    at_peak = max(allocs, key=lambda e: e.extra_fields.total_allocated)
+    allocs, at_peak, op = allocations(prof)
     handed_out = {e.extra_fields.ptr for e in allocs if e.extra_fields.alloc_size > 0}
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                 for t in [*loaded[0][0].parameters(), *loaded[0][0].buffers()]}
-    peak = at_peak.extra_fields.total_allocated + sum(n for ptr, n in storages.items() if ptr not in handed_out)
+    peak = at_peak + sum(n for ptr, n in storages.items() if ptr not in handed_out)
     return {"model": model, "method": method, "dtype": dtype, "checkpointing": ckpt, "batch": batch, "seq_len": cfg.seq_len,
             "estimate_bytes": est.total_bytes, "estimate_phase": est.peak_phase, "estimate": est.describe(),
-            "peak_bytes": peak, "peak_op": _op(at_peak), "ratio": est.total_bytes / peak}
+            "peak_bytes": peak, "peak_op": op, "ratio": est.total_bytes / peak}
 
 
 def block_row(method: str, dtype: str, ckpt: bool, folder: Path) -> dict:
     """One forward and backward pass (the loop's loss) of a random 2-block Llama of SmolLM2's block shape, batch 4 x 128
     with padding: the peak of live bytes above the weights, against the estimate's backward phases."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from trainer.config import TrainConfig
-    from trainer.memory import estimate
-    from trainer.methods import get_method
-    from trainer.metrics import token_nll, weighted_loss
     config = LlamaConfig(vocab_size=BLOCK_VOCAB, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
                          num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True)
     config.save_pretrained(folder)
@@ -116,15 +118,13 @@ def block_row(method: str, dtype: str, ckpt: bool, folder: Path) -> dict:
         nll, target, valid, _ = token_nll(model, batch, with_correct=False)
         weighted_loss(nll, target, valid, cfg.prompt_loss_weight).backward()
     del start
-    allocs = allocation_events(prof)
-    first = next(i for i, e in enumerate(allocs) if e.extra_fields.alloc_size == marker)
-    at_peak = max(allocs[first:], key=lambda e: e.extra_fields.total_allocated)
+    allocs, at_peak, op = allocations(prof, since=marker)
     phases = dict(estimate(cfg, device="cpu").phases)
     phase = max(("backward start", "backward end"), key=phases.get)
-    measured = at_peak.extra_fields.total_allocated - allocs[first].extra_fields.total_allocated
+    measured = at_peak - allocs[0].extra_fields.total_allocated
     return {"model": f"2 x SmolLM2 block, vocab {BLOCK_VOCAB}", "method": method, "dtype": dtype, "checkpointing": ckpt,
             "batch": 4, "seq_len": 128, "estimate_bytes": phases[phase], "estimate_phase": phase, "peak_bytes": measured,
-            "peak_op": _op(at_peak), "ratio": phases[phase] / measured}
+            "peak_op": op, "ratio": phases[phase] / measured}
 
 
 def _rows(rows: list[dict]) -> list[list]:
@@ -133,48 +133,135 @@ def _rows(rows: list[dict]) -> list[list]:
              r["peak_op"]] for r in rows]
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = parser(__doc__)
-    options(p, models="tiny,smollm2-135m", methods="full,lora,last_layer", dtypes="float32", checkpointing="off,on", jobs=1)
-    p.add_argument("--no-blocks", action="store_true", help="skip the one-step rows of the small-vocabulary model")
-    p.add_argument("--one", nargs=7, help=argparse.SUPPRESS)
-    p.add_argument("--blocks", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+def block_rows(methods: list[str], dtypes: list[str], ckpts: list[bool]) -> dict:
+    """(A fresh process.) ``block_row`` for each method, dtype and checkpointing."""
+    with tempfile.TemporaryDirectory(prefix="bench-mem-block-") as tmp:
+        return {"rows": [block_row(m, d, c, Path(tmp) / f"{m}-{d}-{c}") for m in methods for d in dtypes
+                         for c in ckpts]}
+
+
+def vocab_data(folder: Path, tokenizer, seq_len: int, n: int) -> tuple[str, str]:
+    """Prompt/completion records of random whole words of the vocabulary, each about ``seq_len`` tokens, and a short eval."""
+    rng = random.Random(0)
+    words = sorted(t[1:] for t in tokenizer.get_vocab() if t.startswith("\u0120") and t[1:].isalpha() and t[1:].isascii() and len(t) > 3)
+
+    def record(prompt_words: int, tokens: int) -> str:
+        prompt = " ".join(rng.choices(words, k=prompt_words)) + "\n"
+        ids = tokenizer(" ".join(rng.choices(words, k=tokens)), add_special_tokens=False)["input_ids"]
+        budget = tokens - len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) - 2  # EOS, maybe BOS
+        return json.dumps({"prompt": prompt, "completion": tokenizer.decode(ids[:max(1, budget)])}) + "\n"
+
+    (folder / "train.jsonl").write_text("".join(record(min(64, seq_len // 8), seq_len) for _ in range(n)))
+    (folder / "eval.jsonl").write_text("".join(record(8, 24) for _ in range(2)))
+    return str(folder / "train.jsonl"), str(folder / "eval.jsonl")
+
+
+def build(dims: dict | None, folder: str, device: str) -> dict:
+    """(A fresh process.) A random-init bf16 model of ``dims`` (None: the tiny model's config), saved with SmolLM2's
+    tokenizer (the vocabulary as published)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+    tok = load_tokenizer(ensure_preset("smollm2-135m"))
+    config = (AutoConfig.from_pretrained(ensure_preset("tiny"), local_files_only=True) if dims is None else
+              LlamaConfig(**dims, max_position_embeddings=131072, bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    torch.manual_seed(0)
+    with torch.device(device):  # random init of 8B parameters: seconds on a GPU, minutes on a CPU
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return {"params": sum(p.numel() for p in model.parameters())}
+
+
+def train_row(cfg: dict) -> dict:
+    """(A fresh process.) One run: status, peak memory, tokens/s and s/step after step 1 (from its reports)."""
+    cfg, reports = TrainConfig(**cfg), []
+    result = loop.train(cfg, lambda m, checkpoint=None: reports.append(dict(m)))
+    steps = [r for r in reports if r.get("step") is not None]
+    dts = [(b["train_time_s"] - a["train_time_s"], b["tokens_per_s"]) for a, b in zip(steps, steps[1:])]
+    seconds = sum(dt for dt, _ in dts)
+    return {"status": result.status, "reason": result.reason, "s_per_step": seconds / (len(steps) - 1) if seconds else None,
+            "peak_gib": max((r["peak_mem_gib"] for r in reports if r.get("peak_mem_gib")), default=None),
+            "tokens_per_s": sum(dt * v for dt, v in dts) / seconds if seconds else None}
+
+
+def real_sizes(args, rep: Report, on_gpu: bool, end: float) -> dict:
+    """gpu_check.py's part B. Each build and run a fresh process, for its own peak: an out-of-memory or a timeout ends
+    that step only (--quick: here)."""
+    def call(fn, *a) -> dict:
+        return fn(*a) if args.quick else child(__file__, fn.__name__, *a, timeout=max(end - time.time(), 1))
+
+    quiet_libraries()  # --quick trains in this process
+    warnings.filterwarnings("ignore", message=".*an autograd kernel was not registered.*")  # bitsandbytes on the CPU
+    device, gpu_gib = ("cuda", gpus()[0]["memory_gib"]) if on_gpu else ("cpu", None)
+    rep("", f"## Part B: real sizes (bf16, gradient checkpointing, batch {args.batch_size} x {args.seq_len}, {args.steps} steps, {device})", "")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="gpu-check-b-") as tmp_name:
+        tmp = Path(tmp_name)
+        train_path, eval_path = vocab_data(tmp, load_tokenizer(ensure_preset("smollm2-135m")), args.seq_len,
+                                           args.steps * args.batch_size + 2)
+        base = dict(dtype="bfloat16", gradient_checkpointing=True, device=device, batch_size=args.batch_size, seq_len=args.seq_len,
+                    max_steps=args.steps, learning_rate=1e-5, warmup_ratio=0.0, scheduler="constant", report_every=args.batch_size,
+                    eval_every=None, memorization=False, forgetting=False, weight_change=False, train_data=train_path,
+                    eval_data=eval_path, save_model=False, seed=0)
+        plan = [("tiny", None, B_ROWS)] if args.quick else [
+            (m, LLAMA[m], B_ROWS + ([B_8BIT] if m == "llama-3.1-8b" else [])) for m in args.models.split(",")]
+        for model, dims, labels in plan:
+            try:
+                built = call(build, dims, str(tmp / model), device)
+                rep(f"{model}: {built['params'] / 1e6:,.0f} M parameters")
+            except Exception as exc:
+                rows += [{"model": model, "label": lb, "settings": st, "status": f"not built: {str(exc)[-200:]}"} for lb, st in labels]
+                continue
+            for label, settings in labels:
+                cfg = TrainConfig(model=str(tmp / model), **base, **settings)
+                row = {"model": model, "label": label, "settings": settings, "estimate_gib": estimate(cfg, device=device).total_gib}
+                if gpu_gib and row["estimate_gib"] > gpu_gib:
+                    row["status"] = f"skipped: estimate {row['estimate_gib']:.1f} GiB > the GPU's {gpu_gib:.1f}"
+                elif end - time.time() < 30:
+                    row["status"] = "not run: --budget-s spent"
+                else:
+                    try:
+                        row.update(call(train_row, cfg.model_dump(mode="json")))
+                    except Exception as exc:
+                        row["status"] = f"crashed: {str(exc).strip().splitlines()[-1][:200]}"
+                rows.append(row)
+            shutil.rmtree(tmp / model, ignore_errors=True)  # 16 GB for the 8B: one model on disk at a time
+    rep.table(["model", "method", "optimizer", "status", "estimate GiB", "measured peak GiB", "peak / estimate", "tokens/s after step 1",
+               "s/step after step 1", "torchtune, Llama-3.1-8B, 1 GPU"],
+              [[r["model"], r["label"], r["settings"].get("optimizer", "adamw"), r["status"], fmt(r.get("estimate_gib"), 2),
+                fmt(r.get("peak_gib"), 2), f"{r['peak_gib'] / r['estimate_gib']:.2f}" if r.get("peak_gib") else "n/a",
+                fmt(r.get("tokens_per_s"), 0), fmt(r.get("s_per_step"), 3), TORCHTUNE.get(r["label"], "-") if "8b" in r["model"] else "-"]
+               for r in rows])
+    rep("torchtune: torch.compile, chunked cross-entropy, and for full fine-tuning paged 8-bit AdamW stepped in the backward pass; "
+        "ours: none of these (the whole float32 logits)")
+    return {"rows": rows, "device": device}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, rep = cli(__doc__, __file__, argv, {"models": "tiny", "dtypes": "float32"}, models="tiny,smollm2-135m",
+                    methods="full,lora,last_layer", dtypes="float32", checkpointing="off,on", jobs=1, no_blocks=False)
+    methods, dtypes = args.methods.split(","), args.dtypes.split(",")
     ckpts = [{"off": False, "on": True}[c] for c in args.checkpointing.split(",")]
-    if args.quick:
-        args.models, args.dtypes, args.jobs = "tiny", "float32", max(args.jobs, 2)
-    from trainer.quiet import quiet_libraries
-    if args.one:
-        quiet_libraries()
-        model, method, dtype, ckpt, batch, train, eval_ = args.one
-        return answer(run_row(model, method, dtype, ckpt == "1", int(batch), train, eval_))
-    if args.blocks:
-        quiet_libraries()
-        with tempfile.TemporaryDirectory(prefix="bench-mem-block-") as tmp:
-            return answer({"rows": [block_row(m, d, c, Path(tmp) / f"{m}-{d}-{c}") for m in args.methods.split(",")
-                                    for d in args.dtypes.split(",") for c in ckpts]})
-    rep = Report("memory_estimate.py", argv, args.quick, args.out)
     with tempfile.TemporaryDirectory(prefix="bench-mem-") as tmp:
         train, eval_ = write_data(Path(tmp))
-        todo = [(m, meth, d, c, SHAPES.get(m, (4, 128))[0]) for m in args.models.split(",") for d in args.dtypes.split(",")
-                for meth in args.methods.split(",") for c in ckpts]
+        todo = [(m, meth, d, c, SHAPES.get(m, (4, 128))[0]) for m in args.models.split(",") for d in dtypes
+                for meth in methods for c in ckpts]
         if args.quick:
             todo += [("tiny", meth, "float32", False, TRAINING_PEAK_BATCH) for meth in ("full", "lora")]
-        with ThreadPoolExecutor(args.jobs) as pool:  # each row its own process: side by side they measure the same
-            blocks = None if args.no_blocks else pool.submit(child, __file__, ["--blocks", "--methods", args.methods,
-                                                                                "--dtypes", args.dtypes, "--checkpointing", args.checkpointing])
-            rows = list(pool.map(lambda r: child(__file__, ["--one", *map(str, r[:3]), str(int(r[3])), str(r[4]), train, eval_]), todo))
+        with ThreadPoolExecutor(max(args.jobs, 2) if args.quick else args.jobs) as pool:  # each row its own process
+            blocks = None if args.no_blocks else pool.submit(child, __file__, "block_rows", methods, dtypes, ckpts)
+            rows = list(pool.map(lambda r: child(__file__, "run_row", *r, train, eval_), todo))
             block_rows = blocks.result()["rows"] if blocks else []
     rep.table(HEADER, _rows(rows), "Whole runs (3 AdamW steps, final eval with memorization and forgetting, weight change); "
                                    "ratio = estimate / measured:")
     if block_rows:
-        rep.table(HEADER, _rows(block_rows), "One forward and backward pass above the weights, against the estimate's backward phases:")
+        rep.table(HEADER, _rows(block_rows), "One forward and backward pass above the weights, against the estimate's "
+                                             "backward phases:")
     worst = max(rows + block_rows, key=lambda r: abs(r["ratio"] - 1))
     rep(f"worst ratio {worst['ratio']:.2f} ({worst['model']} {worst['method']} {worst['dtype']}); all within 25%: "
         f"{all(0.75 <= r['ratio'] <= 1.25 for r in rows + block_rows)}")
     rep.save({"rows": rows, "block_rows": block_rows})
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry(main, globals())

@@ -1,10 +1,5 @@
 """Scale of the MLflow store (BENCHMARKS.md section 6): ``log_batch`` against ``log_metric``, and the UI's experiment page
-on a synthetic sweep served by ``mlflow server``.
-
-    python scripts/bench/mlflow_store.py [--points 2000] [--reps 3] [--trials 100] [--points-per-trial 200] [--quick] [--out FILE]
-"""
-from __future__ import annotations
-
+on a synthetic sweep served by ``mlflow server``."""
 import os
 import signal
 import socket
@@ -17,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: this checkout's packages
 
-from scripts.bench._harness import Report, fmt, options, parser, spread
+from scripts.bench._harness import cli, entry, fmt, spread
 
 KEYS = ("train_loss", "train_loss_ema", "eval_loss", "grad_norm", "lr")  # what a trial reports
 LIMIT = 1000  # metrics per log_batch call (the REST limit)
@@ -109,13 +104,9 @@ def bench_ui(base: str, experiment: str, children: list[str], trials: int, point
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = parser(__doc__)
-    options(p, points=2000, reps=3, trials=100, points_per_trial=200)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.points, args.reps, args.trials, args.points_per_trial = 500, 1, 10, 50
-    rep = Report("mlflow_store.py", argv, args.quick, args.out)
+def main(argv: list[str] | None = None) -> None:
+    args, rep = cli(__doc__, __file__, argv, dict(points=500, reps=1, trials=10, points_per_trial=50), points=2000,
+                    reps=3, trials=100, points_per_trial=200)
     from mlflow.tracking import MlflowClient
     with tempfile.TemporaryDirectory(prefix="bench-mlflow-") as tmp_name:
         tmp = Path(tmp_name)
@@ -140,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
               f"Synthetic sweep: 1 parent + {args.trials} child runs x {args.points_per_trial} points (built in {build_s:.1f} s, "
               f"{db_mb:.1f} MB), mlflow server --workers 1, median (min-max) of {UI_REPEATS} after a warm-up call:")
     rep.save({"logging_s": seconds, "ui": ui})
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry(main, globals())

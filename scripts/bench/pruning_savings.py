@@ -1,10 +1,5 @@
 """Pruning savings (BENCHMARKS.md section 2): lr.yaml's grid twice, with and without the stop rules, refinement off in both
-so that the grid cells match one to one: optimizer steps saved, the best configuration kept, divergence caught fast.
-
-    python scripts/bench/pruning_savings.py [--spec search_spaces/lr.yaml] [--set KEY=VALUE ...] [--keep DIR] [--quick] [--out FILE]
-"""
-from __future__ import annotations
-
+so that the grid cells match one to one: optimizer steps saved, the best configuration kept, divergence caught fast."""
 import json
 import math
 import sys
@@ -14,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: this checkout's packages
 
-from scripts.bench._harness import ROOT, Report, fmt, options, parser, run_sweep
+from scripts.bench._harness import ROOT, cli, entry, fmt, run_sweep
 
 BOTH = ["search.refine=null"]  # refinement proposes LRs from each run's own results: the two runs would differ
 # every stop rule off: no Optuna rule, divergence thresholds nothing reaches, no trainer-side smoothed-loss stop
@@ -25,7 +20,6 @@ UNPRUNED = ["pruning.rule=none", "pruning.divergence.factor=1.0e9", "pruning.div
 QUICK_BOTH = ["space.method=[full]", "space.learning_rate=[1.0e-3, 3.0e-2, 3.0]", "search.max_concurrent=1",
               "train.memorization=false", "train.forgetting=false"]
 QUICK_PRUNED = ["pruning.rule=median", "pruning.startup_trials=1", "pruning.warmup_reports=1"]
-NOT_KEPT = ("pruned", "diverged", "failed")
 
 
 def _steps(r) -> int:
@@ -53,6 +47,7 @@ def _first_past(record, divergence: dict) -> int | None:
 def measure(dirs: dict[str, Path]) -> dict:
     from sweeps.launch.space import n_trials
     from sweeps.results.records import read_trials
+    from sweeps.results.tradeoff import best_record
     from sweeps.spec import SweepSpec
     spec = SweepSpec.model_validate(json.loads((dirs["pruned"] / "spec.json").read_text())["spec"])
     keys = list(spec.space)
@@ -61,10 +56,7 @@ def measure(dirs: dict[str, Path]) -> dict:
                  for r in recs} for k, recs in runs.items()}
     both = sorted(set(cells["pruned"]) & set(cells["unpruned"]))
     steps = {k: sum(_steps(cells[k][c]) for c in both) for k in cells}
-    best = {}
-    for k, recs in runs.items():
-        kept = [r for r in recs if r.outcome not in NOT_KEPT and r.objective is not None]
-        best[k] = (min if spec.search.mode == "min" else max)(kept, key=lambda r: r.objective, default=None)
+    best = {k: best_record(recs, spec.search.mode) for k, recs in runs.items()}  # as `finetune export` picks it
     div = spec.pruning.divergence.model_dump()
     latency = []
     for c in both:
@@ -91,14 +83,9 @@ def measure(dirs: dict[str, Path]) -> dict:
                        "outcome_pruned": cells["pruned"][c].outcome, "outcome_unpruned": cells["unpruned"][c].outcome} for c in both]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = parser(__doc__)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="one more override for both runs")
-    options(p, spec="search_spaces/lr.yaml", keep="")  # keep: a folder for the two sweeps (default: a temp one)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.spec = "search_spaces/smoke.yaml"
-    rep = Report("pruning_savings.py", argv, args.quick, args.out)
+def main(argv: list[str] | None = None) -> None:
+    args, rep = cli(__doc__, __file__, argv, {"spec": "search_spaces/smoke.yaml"}, spec="search_spaces/lr.yaml",
+                    set=[], keep="")  # set: overrides for both runs; keep: a folder for the two sweeps (else temporary)
     with tempfile.TemporaryDirectory(prefix="bench-pruning-") as tmp:
         out = Path(args.keep or tmp).resolve()
 
@@ -133,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.table(["run", *m["keys"], f"objective ({m['metric']})", "outcome"],
               [[{"pruned": "with pruning", "unpruned": "without pruning"}[k], *(b[f] for f in m["keys"]),
                 f"{b['objective']:.4f}", b["outcome"]] for k, b in m["best"].items() if b],
-              f"Best configuration (not {'/'.join(NOT_KEPT)}), the same in both runs: {same}")
+              f"Best configuration (a completed trial, as `finetune export` picks it), the same in both runs: {same}")
     rep.table([*m["keys"], "past threshold at report #", "stopped at report #", "latency (reports)", "after the grace"],
               [[*(r[f] for f in m["keys"]), r["first"] or "never", r["stop"] if r["caught"] else "not stopped",
                 fmt(r["latency"], 0), fmt(r["after_grace"], 0)] for r in m["latency"]] or [["-"] * (len(m["keys"]) + 4)],
@@ -143,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
               [[*(c[f] for f in m["keys"]), c["steps_pruned"], c["steps_unpruned"], c["outcome_pruned"], c["outcome_unpruned"]]
                for c in m["cells"]], "All matched cells:")
     rep.save(m)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry(main, globals())

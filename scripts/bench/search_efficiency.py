@@ -1,11 +1,5 @@
-"""Search efficiency (BENCHMARKS.md section 4): the best held-out loss after k/2 and k trials of our TPE, our random
-search and HF's Optuna search (TPE), over one spec's space, the same search seeds.
-
-    python scripts/bench/search_efficiency.py [--spec search_spaces/tpe.yaml] [--seeds 0,1,2] [--trials 16] [--quick] [--out FILE]
-"""
-from __future__ import annotations
-
-import argparse
+"""Search efficiency (BENCHMARKS.md section 4): best held-out loss after k/2 and k trials of our TPE and random search
+and HF's Optuna search (TPE), over one spec's space, the same search seeds."""
 import math
 import statistics
 import sys
@@ -16,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: this checkout's packages
 
-from scripts.bench._harness import ROOT, Report, answer, child, fmt, options, parser, run_sweep
+from scripts.bench._harness import ROOT, child, cli, entry, fmt, run_sweep
 
 SEARCHERS = {"ours tpe": "tpe", "ours random": "random", "HF optuna": None}
 
@@ -41,7 +35,7 @@ def run_ours(args, searcher: str, seed: int, out: Path) -> dict:
     return {"searcher": searcher, "seed": seed, "wall_s": t["wall_s"], "trials": trials, "l0": l0}
 
 
-def hf_search(spec_path: str, n_trials: int, seed: int) -> dict:
+def hf_search(spec: str, n_trials: int, seed: int) -> dict:
     """(In a fresh process.) ``Trainer.hyperparameter_search`` with TPE (seeded) over the sweep's own define-by-run space."""
     import optuna
     import torch
@@ -49,10 +43,8 @@ def hf_search(spec_path: str, n_trials: int, seed: int) -> dict:
     from scripts.bench import _hf
     from sweeps.launch.space import DefineByRun
     from sweeps.spec import load_spec, trial_config
-    from trainer.quiet import quiet_libraries
-    quiet_libraries()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    spec = load_spec(spec_path, [f"search.n_trials={n_trials}", f"search.seed={seed}"])
+    spec = load_spec(ROOT / spec, [f"search.n_trials={n_trials}", f"search.seed={seed}"])
     space, storage = DefineByRun(spec), optuna.storages.InMemoryStorage()
     # transformers 5 calls model_init before hp_space: both suggest (Optuna repeats a trial's values); one eval, at the end
     _hf.search(spec.base, lambda trial: space(trial) or trial_config(spec.base, trial.params), n_trials, cadence=False,
@@ -64,7 +56,7 @@ def hf_search(spec_path: str, n_trials: int, seed: int) -> dict:
 
 def run_hf(args, seed: int) -> dict:
     t0 = time.perf_counter()
-    res = child(__file__, ["--hf-seed", str(seed), "--spec", args.spec, "--trials", str(args.trials)])
+    res = child(__file__, "hf_search", args.spec, args.trials, seed)
     return {"searcher": "HF optuna", "seed": seed, "wall_s": time.perf_counter() - t0, **res}
 
 
@@ -72,17 +64,10 @@ def best_after(trials: list[dict], k: int) -> float | None:
     return min((t["value"] for t in trials[:k] if t["value"] is not None), default=None)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = parser(__doc__)
-    options(p, spec="search_spaces/tpe.yaml", seeds="0,1,2", trials=16)  # trials per search: best after half and after all
-    p.add_argument("--hf-seed", type=int, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.hf_seed is not None:
-        return answer(hf_search(str(ROOT / args.spec), args.trials, args.hf_seed))
-    if args.quick:
-        args.seeds, args.trials = "0", 4
+def main(argv: list[str] | None = None) -> None:
+    args, rep = cli(__doc__, __file__, argv, {"seeds": "0", "trials": 4}, spec="search_spaces/tpe.yaml", seeds="0,1,2",
+                    trials=16)  # trials per search: the best after half and after all
     seeds, ks = [int(s) for s in args.seeds.split(",")], (args.trials // 2, args.trials)
-    rep = Report("search_efficiency.py", argv, args.quick, args.out)
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
         for seed in seeds:  # the three searches one after the other; --quick: side by side (each sweep its own Ray)
@@ -111,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     rep(f"TPE vs random at {ks[1]}: median {fmt(tpe['median'][ks[1]], 3)} vs {fmt(rnd['median'][ks[1]], 3)}; "
         f"TPE <= random in {sum(a <= b for a, b in pairs)} of {len(pairs)} seeds")
     rep.save({"ks": ks, "l0": l0, "summary": summary, "runs": runs})
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry(main, globals())

@@ -1,11 +1,5 @@
 """Sweep overhead (BENCHMARKS.md sections 1 and 5): where a sweep's wall x slots goes, against HF
-``hyperparameter_search`` on the same trials; and start-up, launch to the first optimizer step.
-
-    python scripts/bench/sweep_overhead.py [--spec search_spaces/lr.yaml] [--hf-trials 6] [--reps 3] [--quick] [--out FILE]
-"""
-from __future__ import annotations
-
-import argparse
+``hyperparameter_search`` on the same trials; and start-up, launch to the first optimizer step."""
 import json
 import math
 import re
@@ -19,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: this checkout's packages
 
-from scripts.bench._harness import ROOT, Report, answer, child, fmt, options, parser, run_sweep, warm_store
+from scripts.bench._harness import ROOT, child, cli, entry, fmt, run_sweep, warm_store
 
 _PROGRESS = re.compile(r"^\[\d+:\d\d\] (\S+)\s+(\S+) ")  # sweeps.launch.progress: "[mm:ss] start   049a12d3 lora lr=..."
 EFF = ["runner", "trials", "slots", "wall s", "training s", "eval s", "training share", "useful share (training + eval)"]
@@ -95,26 +89,18 @@ def startup_rep(spec_file: str, rep: int, out: Path, uri: str, slots: int) -> di
     """The spec's first ``slots`` trials, stopped once each has done its first optimizer step."""
     name, sweep_dir = f"bench-startup-{rep}", out / f"bench-startup-{rep}"
 
-    def first_steps() -> dict:
-        found = {}
-        for path in sweep_dir.glob("*/result.json"):
-            for line in path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line being written
-                if row.get("first_step_unix"):
-                    found[row["trial_id"]] = row
-                    break
-        return found
+    from sweeps.results.collect import trial_results
+
+    def first_steps() -> dict:  # trial id -> its first report that has done an optimizer step
+        reached = {t: [r for r in rows if r.get("first_step_unix")] for t, rows in
+                   (trial_results(sweep_dir) if sweep_dir.is_dir() else {}).items()}
+        return {t: rows[0] for t, rows in reached.items() if rows}
 
     timing = run_sweep(spec_file, [f"name={name}", f"output_dir={out}", f"search.n_trials={slots}", "tracking.uri=null",
                                    f"tracking.experiment={name}"], {"MLFLOW_TRACKING_URI": uri},
                        stop=lambda: len(first_steps()) >= slots, timeout=900)
     return _milestones(timing["launch_unix"], _events(timing["lines"]), list(first_steps().values()))
 
-
-# --- HF: the sweep's trials through Trainer.hyperparameter_search, in one process ---------------------------------
 
 def hf_search(job: dict) -> dict:
     """(In a fresh process.) Optuna's GridSampler over the trial indexes, each trial to its end (NopPruner)."""
@@ -124,8 +110,6 @@ def hf_search(job: dict) -> dict:
 
     from scripts.bench import _hf
     from sweeps.spec import SweepSpec, trial_config
-    from trainer.quiet import quiet_libraries
-    quiet_libraries()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(job["threads"])
     spec = SweepSpec.model_validate(job["spec"])
@@ -160,38 +144,27 @@ def run_hf(sweep_dir: Path, n: int | None, threads: int) -> dict:
     for key in ("max_examples", "seq_len", "model"):
         if len({str(c.get(key)) for c in configs}) > 1:
             raise ValueError(f"the HF side tokenizes one data set, but the trials vary {key}")
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as job:
-        json.dump({"spec": json.loads((sweep_dir / "spec.json").read_text())["spec"], "configs": configs,
-                   "threads": threads}, job)
+    job = {"spec": json.loads((sweep_dir / "spec.json").read_text())["spec"], "configs": configs, "threads": threads}
     launch = time.time()
-    res = child(__file__, ["--hf-job", job.name], timeout=7200)
-    Path(job.name).unlink()
+    res = child(__file__, "hf_search", job, timeout=7200)
     search = res["search_end_unix"] - res["search_begin_unix"]
     return {**res, "trials": res["trials"], "search_s": search, "startup_s": res["search_begin_unix"] - launch,
             "first_step_s": res["first_step_unix"] - launch, "training_share": res["train_s"] / search,
             "useful_share": (res["train_s"] + res["eval_s"]) / search}
 
 
-# --- main --------------------------------------------------------------------------------------------------------
-
-def main(argv: list[str] | None = None) -> int:
-    p = parser(__doc__)
-    options(p, spec="search_spaces/lr.yaml", hf_trials=6, reps=3)  # HF: the sweep's first N trials (0: none); start-up reps
-    p.add_argument("--hf-job", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.hf_job:
-        return answer(hf_search(json.loads(Path(args.hf_job).read_text())))
-    if args.quick:
-        args.spec, args.reps, args.hf_trials = "search_spaces/smoke.yaml", 1, 0 if args.hf_trials == 0 else 4
-    rep = Report("sweep_overhead.py", argv, args.quick, args.out)
+def main(argv: list[str] | None = None) -> None:
+    args, rep = cli(__doc__, __file__, argv, dict(spec="search_spaces/smoke.yaml", reps=1), hf_trials=6, reps=3,
+                    spec="search_spaces/lr.yaml")  # HF: the sweep's first N trials (0: none); start-up reps
+    args.hf_trials = min(args.hf_trials, 4) if args.quick else args.hf_trials
     from sweeps.spec import SweepSpec, load_spec
     with tempfile.TemporaryDirectory(prefix="bench-sweep-overhead-") as tmp_name:
         tmp = Path(tmp_name)
         uri = f"sqlite:///{tmp / 'mlflow.db'}"
         spec = load_spec(ROOT / args.spec)
+        warm_store(uri)  # the start-up reps' store (and --quick's sweep's)
         if args.quick:
             out, name, env, extra = tmp / "sweeps", spec.name, {"MLFLOW_TRACKING_URI": uri}, ["tracking.uri=null"]
-            warm_store(uri)
         else:  # a real sweep beside the user's ones (kept: its folder holds the console lines' times)
             out, name, env, extra = ROOT / spec.output_dir, f"{spec.name}-bench-{time.strftime('%Y%m%d-%H%M%S')}", {}, []
         timing = run_sweep(str(ROOT / args.spec), [f"name={name}", f"output_dir={out}", *extra], env)
@@ -203,16 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         sweep = analyse_sweep(sweep_dir, timing, slots)
         spec_file = tmp / "spec.yaml"  # the sweep's own spec, so the start-up reps run the same trials
         spec_file.write_text(json.dumps({k: v for k, v in saved.items() if k != "source"}))
-        if not (tmp / "mlflow.db").exists():
-            warm_store(uri)
         def hf_run():
             return run_hf(sweep_dir, args.hf_trials, min(timing["cpus"], slots)) if args.hf_trials else None
-
-        with ThreadPoolExecutor(1) as pool:  # --quick: HF beside the start-up reps, to halve the wall
-            future = pool.submit(hf_run) if args.quick else None
-            hf = None if args.quick else hf_run()
+        with ThreadPoolExecutor(1) as pool:  # HF before the start-up reps; --quick: beside them, to halve the wall
+            hf = pool.submit(hf_run) if args.quick else hf_run()
             reps = [startup_rep(str(spec_file), i + 1, tmp / "startup", uri, slots) for i in range(args.reps)]
-            hf = future.result() if future else hf
+            hf = hf.result() if args.quick else hf
     rep(f"sweep: {sweep_dir} ({spec.source or 'spec.json'}; model {spec.model}; {sweep['trials']} trials: "
         + ", ".join(f"{n} {o}" for o, n in sweep["outcomes"].items()) + f"); {slots} slots of {timing['cpus']} CPUs", "")
     rows = [["this project's sweep (Ray Tune, trials in parallel)", sweep["trials"], slots, fmt(sweep["wall_s"]),
@@ -237,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 ", ".join(fmt(x) for x in v) or "-", fmt(sweep["startup"][k])] for k, label in MILESTONES.items()],
               f"Start-up (warm model cache; {len(reps)} short run(s) of the spec's first {slots} trials):")
     rep.save({"sweep": sweep, "hf": hf, "startup_reps": reps})
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry(main, globals())

@@ -1,10 +1,4 @@
-"""Trainer throughput (BENCHMARKS.md section 3): our loop against HF ``Trainer``, tokens/s over the optimizer steps.
-
-    python scripts/bench/trainer_throughput.py [--methods full,lora,last_layer] [--reps 3] [--quick] [--out FILE]
-"""
-from __future__ import annotations
-
-import argparse
+"""Trainer throughput (BENCHMARKS.md section 3): our loop against HF ``Trainer``, tokens/s over the optimizer steps."""
 import resource
 import statistics
 import sys
@@ -14,40 +8,40 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: this checkout's packages
-from scripts.bench._harness import Report, answer, child, options, parser, spread
+from scripts.bench._harness import child, cli, entry, spread
 
 TRAIN_DATA, SEQ_LEN = "builtin:facts", 48
 HEADER = ["method", "ours tok/s", "HF tok/s", "ratio", "verdict", "ours peak MB", "HF peak MB", "ours s/step", "HF s/step"]
 
 
-def _cfg(args, method: str):
-    from trainer.config import TrainConfig
-    return TrainConfig(model=args.model, method=method, train_data=TRAIN_DATA, eval_data="builtin:facts-heldout:4", seq_len=SEQ_LEN,
-                       learning_rate=1e-4, batch_size=args.batch_size, max_steps=args.steps, warmup_ratio=0.0, scheduler="constant",
-                       threads=args.threads, device=args.device, dtype=args.dtype, eval_every=None, memorization=False,
-                       forgetting=False, weight_change=False, save_model=False)
-
-
-def one(args, impl: str, method: str) -> dict:
+def one(a: dict, impl: str, method: str) -> dict:
     """(A fresh process.) Ours: ``train_time_s`` (its optimizer steps); tokens of the examples its stream fed. HF: the
     same model, data, trainable parameters and arguments; on_step_begin to on_step_end of each step, summed."""
     import torch
 
+    from trainer.config import TrainConfig
     from trainer.data import example_stream, read_examples, tokenize
     from trainer.loop import train
     from trainer.models import load_tokenizer, resolve_model_dir
-    cfg, tokenizer = _cfg(args, method), load_tokenizer(resolve_model_dir(args.model))
+    cfg = TrainConfig(model=a["model"], method=method, train_data=TRAIN_DATA, eval_data="builtin:facts-heldout:4",
+                      seq_len=SEQ_LEN, learning_rate=1e-4, batch_size=a["batch_size"], max_steps=a["steps"],
+                      warmup_ratio=0.0, scheduler="constant", threads=a["threads"], device=a["device"],
+                      dtype=a["dtype"], eval_every=None, memorization=False, forgetting=False, weight_change=False,
+                      save_model=False)
+    tokenizer = load_tokenizer(resolve_model_dir(cfg.model))
+    peak_mb = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # noqa: E731
     if impl == "ours":
         result = train(cfg)
         if result.status != "completed":
             raise RuntimeError(f"our trainer did not complete: {result.status} {result.reason}")
         stream = example_stream(tokenize(read_examples(TRAIN_DATA), tokenizer, SEQ_LEN), seed=cfg.seed)
-        return {"tokens": sum(len(next(stream).input_ids) for _ in range(args.steps * args.batch_size)),
-                "seconds": result.metrics["train_time_s"], "trainable": result.metrics["trainable_params"]}
+        return {"tokens": sum(len(next(stream).input_ids) for _ in range(cfg.max_steps * cfg.batch_size)),
+                "peak_mb": peak_mb(), "seconds": result.metrics["train_time_s"],
+                "trainable": result.metrics["trainable_params"]}
     from transformers import Trainer, TrainerCallback  # only here: the HF process's peak memory, not ours
 
     from scripts.bench import _hf
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model, (train_ds, _) = _hf.model_init(cfg), _hf.data(cfg, tokenizer)
     seen = {"tokens": 0, "seconds": 0.0, "t0": 0.0}
@@ -62,23 +56,24 @@ def one(args, impl: str, method: str) -> dict:
             seen["seconds"] += time.perf_counter() - seen["t0"]
 
     with tempfile.TemporaryDirectory(prefix="bench-hf-") as tmp:
-        targs = _hf.training_args(cfg, len(train_ds), tmp, eval_strategy="no", logging_strategy="no", use_cpu=args.device == "cpu")
-        Trainer(model=model, args=targs, train_dataset=train_ds, data_collator=_hf.PadCollator(tokenizer.pad_token_id),
+        targs = _hf.training_args(cfg, len(train_ds), tmp, eval_strategy="no", logging_strategy="no",
+                                  use_cpu=cfg.device == "cpu")
+        Trainer(model=model, args=targs, train_dataset=train_ds, data_collator=_hf.collator(tokenizer.pad_token_id),
                 callbacks=[StepTimes()]).train()
-    return {"tokens": seen["tokens"], "seconds": seen["seconds"], "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    return {"tokens": seen["tokens"], "seconds": seen["seconds"], "peak_mb": peak_mb(),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
 def measure(args, method: str) -> dict:
     """Ours and HF interleaved, ``reps`` times each (--quick: each pair side by side); parity within the run-to-run spread."""
     runs: dict[str, list[dict]] = {"ours": [], "hf": []}
-    flags = ["--model", args.model, "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
-             "--device", args.device, "--dtype", args.dtype]
     for _ in range(args.reps):
         with ThreadPoolExecutor(2 if args.quick else 1) as pool:
-            for impl, res in zip(runs, pool.map(lambda impl: child(__file__, ["--one", impl, method, *flags]), runs)):
+            for impl, res in zip(runs, pool.map(lambda impl: child(__file__, "one", vars(args), impl, method), runs)):
                 runs[impl].append(res)
     if runs["ours"][0]["trainable"] != runs["hf"][0]["trainable"]:
-        raise RuntimeError(f"{method}: trainable parameters differ: {runs['ours'][0]['trainable']} vs {runs['hf'][0]['trainable']}")
+        raise RuntimeError(f"{method}: trainable parameters differ: {runs['ours'][0]['trainable']} vs "
+                           f"{runs['hf'][0]['trainable']}")
     tok_s = {impl: [r["tokens"] / r["seconds"] for r in rs] for impl, rs in runs.items()}
     ratio = statistics.median(tok_s["ours"]) / statistics.median(tok_s["hf"])
     noise = max((max(v) - min(v)) / statistics.median(v) for v in tok_s.values())  # either side's relative range
@@ -88,30 +83,19 @@ def measure(args, method: str) -> dict:
             "s_step": {impl: [r["seconds"] / args.steps for r in rs] for impl, rs in runs.items()}}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = parser(__doc__)
-    options(p, model="smollm2-135m", methods="full,lora,last_layer", steps=12, batch_size=4, reps=3, threads=2)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.model, args.steps, args.reps = "tiny", 4, 1
-    if args.one:
-        from trainer.quiet import quiet_libraries
-        quiet_libraries()
-        return answer({**one(args, *args.one), "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
-    rep = Report("trainer_throughput.py", argv, args.quick, args.out)
+def main(argv: list[str] | None = None) -> None:
+    args, rep = cli(__doc__, __file__, argv, dict(model="tiny", steps=4, reps=1), model="smollm2-135m", steps=12,
+                    methods="full,lora,last_layer", batch_size=4, reps=3, threads=2, device="cpu", dtype="float32")
     rows = [measure(args, m) for m in args.methods.split(",")]
-    rep(f"model {args.model}, {TRAIN_DATA} seq_len {SEQ_LEN}, batch {args.batch_size}, {args.steps} optimizer steps, {args.threads} "
-        f"torch threads, {args.device} {args.dtype}; each run a fresh process, ours and HF interleaved; median (min-max) of "
-        f"{args.reps}; time = the optimizer steps on both sides; parity = |ratio - 1| within either side's spread", "")
-    rep.table(HEADER, [[r["method"], spread(r["tok_s"]["ours"], 0), spread(r["tok_s"]["hf"], 0), f"{r['ratio']:.2f}", r["verdict"],
-                        spread(r["peak_mb"]["ours"], 0), spread(r["peak_mb"]["hf"], 0), spread(r["s_step"]["ours"], 3),
-                        spread(r["s_step"]["hf"], 3)] for r in rows])
+    rep(f"model {args.model}, {TRAIN_DATA} seq_len {SEQ_LEN}, batch {args.batch_size}, {args.steps} optimizer steps, "
+        f"{args.threads} torch threads, {args.device} {args.dtype}; each run a fresh process, ours and HF interleaved; "
+        f"median (min-max) of {args.reps}; time = the optimizer steps on both sides; parity = |ratio - 1| within "
+        "either side's spread", "")
+    rep.table(HEADER, [[r["method"], spread(r["tok_s"]["ours"], 0), spread(r["tok_s"]["hf"], 0), f"{r['ratio']:.2f}",
+                        r["verdict"], spread(r["peak_mb"]["ours"], 0), spread(r["peak_mb"]["hf"], 0),
+                        spread(r["s_step"]["ours"], 3), spread(r["s_step"]["hf"], 3)] for r in rows])
     rep.save({"rows": rows})
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry(main, globals())
