@@ -92,12 +92,14 @@ class GridSpace:
 
 def longest_first(cells: list[dict[str, Any]]) -> list[int]:
     """Cell indexes, the longest trials first, so that the last slot is not left running one long trial alone
-    (a makespan rule): the costlier method, more epochs, the smaller batch (more optimizer steps for the same
-    examples), the lower LR (a high one is often stopped early, diverged)."""
+    (a makespan rule): the costlier method, more epochs, the lower LR (a high one is often stopped early, diverged),
+    the smaller batch (more optimizer steps for the same examples). The batch sizes of a method take turns at each
+    LR, so their groups finish their grids together and their refinement rounds run side by side, not one group's
+    last round alone at the end."""
     def cost(i: int) -> tuple:
         c = cells[i]
-        return (-method_cost(c.get("method")), -(c.get("epochs") or 0), c.get("batch_size") or 0,
-                c.get("learning_rate") or 0.0, i)
+        return (-method_cost(c.get("method")), -(c.get("epochs") or 0), c.get("learning_rate") or 0.0,
+                c.get("batch_size") or 0, i)
     return sorted(range(len(cells)), key=cost)
 
 
