@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
             reps = [startup_rep(str(spec_file), i + 1, tmp / "startup", uri, slots) for i in range(args.reps)]
             hf = hf.result() if args.quick else hf
     rep(f"sweep: {sweep_dir} ({spec.source or 'spec.json'}; model {spec.model}; {sweep['trials']} trials: "
-        + ", ".join(f"{n} {o}" for o, n in sweep["outcomes"].items()) + f"); {slots} slots of {timing['cpus']} CPUs", "")
+        + ", ".join(f"{n} {o}" for o, n in sweep["outcomes"].items()) + f"); {slots} slots on {timing['cpus']} CPUs", "")
     rows = [["this project's sweep (Ray Tune, trials in parallel)", sweep["trials"], slots, fmt(sweep["wall_s"]),
              fmt(sweep["parts"]["training"]), fmt(sweep["parts"]["eval"]), f"{sweep['training_share']:.2f}",
              f"**{sweep['useful_share']:.2f}**"]]
