@@ -10,7 +10,7 @@ import math
 import os
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 # Ray's own console output: its table prints every internal key and TensorBoard warnings; ours is
@@ -101,9 +101,13 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
     print(f"mlflow: {uri} (experiment {tracker.experiment!r})", flush=True)
 
     with ThreadPoolExecutor(1) as pool:
-        # the parent run is created (a new store: about 2 s) while Tune starts; the writer waits for it at its
-        # first event, so every trial's run is still created under it
-        parent_made = pool.submit(_parent_run, spec, tracker)
+        if resume:  # Ray restores the writer it saved with the sweep, which cannot wait: the parent run first
+            parent_made = Future()
+            parent_made.set_result(_parent_run(spec, tracker))
+        else:
+            # the parent run is created (a new store: about 2 s) while Tune starts; the writer waits for it at its
+            # first event, so every trial's run is still created under it
+            parent_made = pool.submit(_parent_run, spec, tracker)
         writer = MlflowWriter(tracker, spec.name, ready=parent_made)
         tuner, n_total = _tuner(spec, sweep_dir, writer, resume, placer)
         t0 = time.time()
