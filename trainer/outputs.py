@@ -53,7 +53,7 @@ def write_outputs(cfg: TrainConfig, model, tokenizer, method, metrics, history, 
         method.save(model, out / "model")
         tokenizer.save_pretrained(out / "model")
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False))
-    payload = {"metrics": _finite(metrics), "history": _finite(history), "provenance": provenance()}
+    payload = {"metrics": finite(metrics), "history": finite(history), "provenance": provenance()}
     (out / "metrics.json").write_text(json.dumps(payload, indent=2))
     if changes:
         with (out / "weight_change.csv").open("w", newline="") as handle:
@@ -81,12 +81,12 @@ def load_finetuned(output_dir: str | Path):
     return model, load_tokenizer(out / "model"), cfg
 
 
-def _finite(obj):
+def finite(obj):
     """JSON has no NaN: write non-finite floats as null."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_finite(v) for v in obj]
+        return [finite(v) for v in obj]
     return obj

@@ -27,6 +27,7 @@ from sweeps.spec import SweepSpec, sampled_settings
 from trainer.config import TrainConfig
 from trainer.curves import Thresholds
 from trainer.errors import UserError
+from trainer.outputs import finite
 
 
 def load_folder(folder: str | Path) -> tuple[list[TrialRecord], Path]:
@@ -93,7 +94,7 @@ def _record(trial_dir: Path, stops: dict, mlflow_map: dict, base: dict) -> Trial
     if not trial_id:
         return None
     results = [r for r in lines if "stalled" not in r]  # the watchdog's last word is no point of the curve
-    history = _dedupe([{k: _finite(r.get(k)) for k in HISTORY_KEYS if k in r} for r in results])
+    history = _dedupe([{k: finite(r.get(k)) for k in HISTORY_KEYS if k in r} for r in results])
     final = {k: v for k, v in (results[-1] if results else {}).items() if not k.startswith(("time_", "timestamp", "config"))}
     failures = error_lines(trial_dir / "error.txt")
     if failures:
@@ -103,7 +104,7 @@ def _record(trial_dir: Path, stops: dict, mlflow_map: dict, base: dict) -> Trial
     error = None if recovered or not failures else failures[-1]
     outcome, reason = trial_outcome(final, stops.get(trial_id), error)
     record = TrialRecord(
-        trial_id=trial_id, config=config, params=sampled, history=history, final=_finite(final),
+        trial_id=trial_id, config=config, params=sampled, history=history, final=finite(final),
         stopped_by=stops.get(trial_id), error=(error or reason) if outcome == Status.FAILED else None,
         mlflow_run_id=mlflow_map.get(trial_id), refine=params.get("refine"),
     )
@@ -161,16 +162,6 @@ def _trial_id_from_name(name: str) -> str | None:
     """The trial id of a trial that never reported (stopped while it loaded its model)."""
     match = _TRIAL_DIR.match(name)
     return match.group(1) if match else None
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _json(path: Path) -> dict:
