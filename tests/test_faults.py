@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -419,6 +420,59 @@ def test_a_full_disk_stops_the_sweep_with_one_line_and_resume_completes_it(tmp_p
     assert sorted(c.data.tags["trial_id"] for c in children) == sorted(t["trial_id"] for t in trials)
     assert all(c.info.status == "FINISHED" for c in children)
     assert not (sweep_dir / "mlflow_pending.jsonl").exists()
+
+
+def _metrics(step: int) -> dict:
+    return {"op": "metrics", "trial": "t1", "last_step": step,
+            "metrics": [("lr", 1e-3, 1000 + step, step), ("train_loss", 10.0 / step, 1000 + step, step)]}
+
+
+def _killed_between_writes(uri: str, folder: str, when: str) -> None:
+    """A driver SIGKILLed inside its second metrics batch: before MLflow takes it, or after MLflow has and before
+    mlflow.json says so."""
+    from sweeps.launch.tracking import Tracker, create_op
+
+    tracker = Tracker(uri, "killed", Path(folder))
+    tracker.parent_run({"name": "killed"}, {"sweep": "killed", "sweep_dir": folder})
+    tracker.submit(create_op("killed", "t1", {"method": "full", "learning_rate": 1e-3}))
+    tracker.submit(_metrics(4))
+    client, log_batch = tracker.client, tracker.client.log_batch
+
+    def killed(*args, **kwargs):
+        if when == "after":
+            log_batch(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    client.log_batch = killed
+    tracker.submit(_metrics(8))
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_driver_killed_between_mlflow_and_its_own_record_logs_each_point_once(tmp_path, when):
+    """The kill lands between MLflow's write of a metrics batch and mlflow.json's (or just before MLflow's). The
+    resumed driver looks the batch up (Tracker.settle): it counts as logged when MLflow has it, and is written once
+    more when it has not; a replay of that same batch, from a queue or a restarted trial, adds no point twice."""
+    import multiprocessing
+
+    from sweeps.launch.tracking import MlflowWriter, Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = multiprocessing.get_context("spawn").Process(target=_killed_between_writes, args=(uri, str(tmp_path), when))
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == -signal.SIGKILL
+    tracker = Tracker(uri, "killed", tmp_path)
+    tracker.settle()
+    assert tracker.last_step("t1") == (8 if when == "after" else 4)
+    tracker.submit(_metrics(8))  # the killed driver's queue, replayed
+    # the trial, started again from its beginning, reports every point again (new timestamps): the writer skips
+    # what MLflow holds
+    writer, trial = MlflowWriter(tracker, "killed", flush_every=1), SimpleNamespace(trial_id="t1", config={})
+    for step in (4, 8, 12):
+        writer.on_trial_result(0, [], trial, {"examples_seen": step, "train_loss": 9.0 / step, "done": step == 12})
+    history = MlflowClient(tracking_uri=uri).get_metric_history(tracker.state["runs"]["t1"], "train_loss")
+    assert sorted(m.step for m in history) == [4, 8, 12]
+    assert tracker.last_step("t1") == 12
 
 
 def test_driver_sigkilled_a_second_after_a_trial_completes_loses_nothing(tmp_path, tiny_model_dir):

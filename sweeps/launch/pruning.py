@@ -44,6 +44,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from sweeps.faults import append_line, atomic_write
 from sweeps.launch.refine import DONE, GRID, WAIT
+from sweeps.launch.space import n_trials
 from sweeps.launch.trial import objective_keys
 from sweeps.results.classify import classify
 from sweeps.results.records import RESTARTED, TrialRecord, read_stops  # read_stops' home; still importable from here
@@ -123,6 +124,7 @@ class PruningSearch(OptunaSearch, Stopper):
         self._thresholds = spec.thresholds()
         self._curves: dict[str, list[dict[str, Any]]] = {}  # each trial's reports, to classify it when it ends
         self._refiner = refiner  # sweeps.launch.refine.Refiner: proposes LRs after the grid (None: the grid only)
+        self._n_first = n_trials(spec)  # the trials before any refinement: the grid's, or those sampled
         self.finished = False  # the refiner had nothing more to propose
         _LIVE[self._key] = self
 
@@ -172,9 +174,17 @@ class PruningSearch(OptunaSearch, Stopper):
                 if step == DONE:
                     self.finished = True
                     return Searcher.FINISHED
+            if step is None and self._first_round_taken():
+                # a resume: Ray asks again for the trials its saved state had not yet seen, which ran since
+                return Searcher.FINISHED
             if step in (None, GRID) and getattr(self._space, "order", None):
                 self._enqueue_next_cell(self._space.order)
         return super().suggest(trial_id)
+
+    def _first_round_taken(self) -> bool:
+        """Every trial the sweep asked for (without refinement) is in the study already."""
+        trials = self._ot_study.get_trials(deepcopy=False)
+        return sum(t.state != TrialState.WAITING for t in trials) >= getattr(self, "_n_first", math.inf)
 
     def _enqueue_next_cell(self, order: list[int]) -> None:
         """Hand the grid out in ``order`` (longest trials first) rather than GridSampler's random pick: the next

@@ -104,6 +104,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
         if resume:  # Ray restores the writer it saved with the sweep, which cannot wait: the parent run first
             parent_made = Future()
             parent_made.set_result(_parent_run(spec, tracker))
+            tracker.settle()  # what a hard kill left logged in MLflow but not yet noted in mlflow.json
         else:
             # the parent run is created (a new store: about 2 s) while Tune starts; the writer waits for it at its
             # first event, so every trial's run is still created under it

@@ -5,7 +5,9 @@ lost runs when a trial process dies. Every MLflow call is retried; what still
 fails (a stopped tracking server, a full or read-only store; the sweep's parent
 run too) is queued in memory and in ``mlflow_pending.jsonl`` and replayed when
 the server answers again, at the end of the sweep, or on ``--resume``; what is
-still queued at the end is the sweep's last line (exit code 3). The trial -> run
+still queued at the end is the sweep's last line (exit code 3). Metric points are
+the one write MLflow would take twice: each batch is noted before it is sent, and
+a resume looks up what a hard kill left unnoted (``Tracker.settle``). The trial -> run
 map lives in ``mlflow.json`` in the sweep folder and is checked against MLflow's
 own tags, so a resumed sweep reattaches to its runs and never duplicates them.
 At the end ``Tracker.catch_up`` brings MLflow up to the sweep folder (what a
@@ -203,11 +205,18 @@ class Tracker:
         if run_id is None:
             raise RuntimeError(f"no MLflow run for trial {trial} yet")
         if kind == "metrics":
+            if trial and self._landed(trial, op):
+                return  # this very operation reached MLflow before a hard kill or a lost answer
+            if trial:  # noted before MLflow writes: a kill between its write and mlflow.json's is found (_landed)
+                last = {"point": list(op["metrics"][-1]), "last_step": op["last_step"]}
+                self.state.setdefault("inflight", {})[trial] = last
+                self._save_state()
             metrics = [Metric(k, v, ts, step) for k, v, ts, step in op["metrics"]]
             for i in range(0, len(metrics), 900):
                 self.client.log_batch(run_id, metrics=metrics[i : i + 900])
             if trial:  # the parent's summary metrics have no curve to resume
                 self.state["steps"][trial] = max(self.state["steps"].get(trial, -1), op["last_step"])
+                self.state["inflight"].pop(trial, None)
                 self._save_state()
         elif kind == "tags":
             self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in scrub(op["tags"]).items()])
@@ -222,6 +231,31 @@ class Tracker:
             self.client.log_artifact(run_id, op["path"], op.get("dest"))
         elif kind == "text":
             self.client.log_text(run_id, op["text"], op["file"])
+
+    def settle(self) -> None:
+        """After a hard kill: the metrics a killed driver had sent to MLflow but not yet noted in mlflow.json are
+        looked up, so a resume neither logs them twice nor misses them. Left for later while MLflow does not answer."""
+        try:
+            for trial in list(self.state.get("inflight", {})):
+                self._landed(trial)
+        except Exception:  # MLflow not answering: each trial's next operation looks again (_apply)
+            pass
+
+    def _landed(self, trial: str, op: dict | None = None) -> bool:
+        """Whether ``op`` (a trial's metrics) already reached MLflow though mlflow.json does not say so: a kill, or
+        a lost answer, between the two writes. Its last point is looked up once; a point found counts as logged, and
+        the note stays, so a replay of that same operation (the queue of a killed driver) is not written twice."""
+        mark = self.state.get("inflight", {}).get(trial)
+        if mark is None:
+            return False
+        if "landed" not in mark:
+            key, _, ts, step = mark["point"]
+            history = self.client.get_metric_history(self.state["runs"][trial], key)
+            mark["landed"] = any(m.step == step and m.timestamp == ts for m in history)
+            if mark["landed"]:
+                self.state["steps"][trial] = max(self.state["steps"].get(trial, -1), mark["last_step"])
+            self._save_state()
+        return mark["landed"] and op is not None and list(op["metrics"][-1]) == mark["point"]
 
     def _create_parent(self, op: dict) -> None:
         if self.state.get("parent"):
@@ -244,6 +278,7 @@ class Tracker:
             return
         reuse = self.state["runs"].get(op.get("reuse") or "")
         if reuse:  # the trial a resume started again under a new id (sweeps.launch.pruning): one run, the points not twice
+            self._landed(op["reuse"])  # every point its earlier attempt logged is counted, even one a kill left unnoted
             from mlflow.entities import RunTag
 
             self.client.log_batch(reuse, tags=[RunTag("trial_id", trial), RunTag("mlflow.runName", op["name"])])

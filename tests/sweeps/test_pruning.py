@@ -167,6 +167,28 @@ def _decisions(tmp_path, algorithm: str, finish_order: list[float], extra: str =
     return out
 
 
+@pytest.mark.parametrize("algorithm", ["grid", "tpe"])
+def test_a_resume_whose_saved_state_missed_trials_that_ran_starts_no_extra_one(tmp_path, algorithm):
+    """Ray saved the searcher when one trial had started; two more started and all three completed before the
+    driver was killed. The resumed Ray knows one trial of three and asks for two more: the study has them all, so
+    the searcher says it is finished rather than starting a cell (or a sample) again."""
+    import optuna
+    from ray.tune.search import Searcher
+
+    bridge = _grid_bridge(tmp_path, algorithm)
+    bridge.suggest("t0")
+    bridge.save(str(tmp_path / "searcher.pkl"))  # Ray's saved state: one trial
+    for trial in ("t0", "t1", "t2"):
+        if trial != "t0":
+            bridge.suggest(trial)
+        bridge.on_trial_complete(trial, {"status": "completed", "objective": 1.0})
+    restored = _grid_bridge(tmp_path, algorithm)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert restored.suggest("t3") == Searcher.FINISHED
+    study = optuna.load_study(study_name="order", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(study.trials) == 3
+
+
 def test_a_grids_stops_do_not_depend_on_which_trials_finished_first(tmp_path):
     """The same grid, its trials finishing in two orders: the same trials stopped, at the same report, for the same
     reason. A grid stops by the divergence rules only (rule none by default), which read one curve each."""
