@@ -43,12 +43,13 @@ TORCHTUNE = {"lora": "16.2 GiB, 3083 tok/s", "qlora": "7.4 GiB, 2413 tok/s", "fu
 WORDS = "river stone lantern copper meadow violin harbor cedar orbit marble thunder basil quartz falcon ember".split()
 
 
-def write_data(folder: Path, n: int = 16) -> tuple[str, str]:
-    """Records alternately far longer than any seq_len here and a third as long: every batch padded to seq_len, masked."""
+def write_data(folder: Path, n: int = 16, words: tuple = (200, 12), eval_words: tuple | None = None) -> tuple[str, str]:
+    """Records alternately ``words[0]`` and ``words[1]`` words long (section 8: far longer than any seq_len here, and a
+    third as long: every batch padded to seq_len, masked); the eval file's, ``eval_words`` (default: the same)."""
     rng = random.Random(0)
-    for split in ("train", "eval"):
+    for split, lengths in (("train", words), ("eval", eval_words or words)):
         (folder / f"{split}.jsonl").write_text("".join(json.dumps({"prompt": f"Record {split} {i}:", "completion": " " + " ".join(
-            rng.choice(WORDS) for _ in range(200 if i % 2 == 0 else 12))}) + "\n" for i in range(n)))
+            rng.choice(WORDS) for _ in range(lengths[i % 2]))}) + "\n" for i in range(n)))
     return str(folder / "train.jsonl"), str(folder / "eval.jsonl")
 
 
@@ -136,23 +137,6 @@ def block_rows(methods: list[str], dtypes: list[str], ckpts: list[bool]) -> dict
         return {"rows": [block_row(m, d, c, Path(tmp) / f"{m}-{d}-{c}") for m in methods for d in dtypes for c in ckpts]}
 
 
-def vocab_data(folder: Path, tokenizer, seq_len: int, n: int) -> tuple[str, str]:
-    """Prompt/completion records of random whole words of the vocabulary, each about ``seq_len`` tokens, and a short eval."""
-    rng = random.Random(0)
-    words = sorted(t[1:] for t in tokenizer.get_vocab()
-                   if t.startswith("\u0120") and t[1:].isalpha() and t[1:].isascii() and len(t) > 3)
-
-    def record(prompt_words: int, tokens: int) -> str:
-        prompt = " ".join(rng.choices(words, k=prompt_words)) + "\n"
-        ids = tokenizer(" ".join(rng.choices(words, k=tokens)), add_special_tokens=False)["input_ids"]
-        budget = tokens - len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) - 2  # EOS, maybe BOS
-        return json.dumps({"prompt": prompt, "completion": tokenizer.decode(ids[:max(1, budget)])}) + "\n"
-
-    (folder / "train.jsonl").write_text("".join(record(min(64, seq_len // 8), seq_len) for _ in range(n)))
-    (folder / "eval.jsonl").write_text("".join(record(8, 24) for _ in range(2)))
-    return str(folder / "train.jsonl"), str(folder / "eval.jsonl")
-
-
 def build(dims: dict | None, folder: str, device: str) -> dict:
     """(A fresh process.) A random-init bf16 model of ``dims`` (None: the tiny model's config), saved with SmolLM2's
     tokenizer (the vocabulary as published)."""
@@ -194,8 +178,8 @@ def real_sizes(args, rep: Report, on_gpu: bool, end: float) -> dict:
     rows = []
     with tempfile.TemporaryDirectory(prefix="gpu-check-b-") as tmp_name:
         tmp = Path(tmp_name)
-        train, eval_ = vocab_data(tmp, load_tokenizer(ensure_preset("smollm2-135m")), args.seq_len,
-                                  args.steps * args.batch_size + 2)
+        # every record past seq_len (each word a token or more): full sequences; the final eval on short ones
+        train, eval_ = write_data(tmp, args.steps * args.batch_size + 2, (args.seq_len,) * 2, (8, 8))
         base = dict(dtype="bfloat16", gradient_checkpointing=True, device=device, batch_size=args.batch_size, seed=0,
                     seq_len=args.seq_len, max_steps=args.steps, learning_rate=1e-5, warmup_ratio=0.0, scheduler="constant",
                     eval_every=None, report_every=args.batch_size, memorization=False, forgetting=False, weight_change=False,

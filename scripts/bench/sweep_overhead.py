@@ -26,13 +26,9 @@ MILESTONES = {"ready": "Ray and MLflow up", "trial_started": "first trial starte
               "trainer_began": "first trainer began", "first_step": "first optimizer step done"}
 
 
-def slots_for(spec, n_cpus: int) -> int:
-    """Trials Ray runs at once, by the product's own placement: the cheapest method's, capped by max_concurrent."""
-    from sweeps.launch.placement import Node, at_once, largest_trials, trial_resources
-    nodes = [Node(n_cpus, 0, None)]
-    placer = trial_resources(spec, nodes)
-    fit = max(at_once(placer.share(cfg), nodes, None) for cfg in largest_trials(spec, placer).values())
-    return max(1, min(fit, spec.search.max_concurrent or fit))
+def slots_for(lines: list) -> int:
+    """Trials Ray runs at once, as the sweep's own plan said it ("full: 1 CPU per trial; 2 trial(s) at once")."""
+    return max([int(m.group(1)) for _, text in lines if (m := re.search(r"(\d+) trial\(s\) at once", text))] or [1])
 
 
 def _events(lines: list) -> dict:
@@ -154,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         (sweep_dir / "bench_timing.json").write_text(json.dumps(timing))
         saved = json.loads((sweep_dir / "spec.json").read_text())["spec"]
         spec = SweepSpec.model_validate(saved)
-        slots = slots_for(spec, timing["cpus"])
+        slots = slots_for(timing["lines"])
         sweep = analyse_sweep(sweep_dir, timing, slots)
         spec_file = tmp / "spec.yaml"  # the sweep's own spec, so the start-up reps run the same trials
         spec_file.write_text(json.dumps({k: v for k, v in saved.items() if k != "source"}))
