@@ -1,8 +1,8 @@
 """What every benchmark shares: its options, the header it prints, tables, spread over repeats, child processes, sweeps."""
-from __future__ import annotations
-
 import argparse
+import contextlib
 import json
+import logging
 import os
 import platform
 import shlex
@@ -13,13 +13,14 @@ import sys
 import tempfile
 import threading
 import time
-from importlib import metadata
 from pathlib import Path
+
+from trainer.outputs import provenance
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def cli(doc: str, script: str, argv: list[str] | None, quick: dict, **defaults) -> tuple[argparse.Namespace, Report]:
+def cli(doc: str, script: str, argv: list[str] | None, quick: dict, **defaults) -> tuple[argparse.Namespace, "Report"]:
     """--quick, --out and an option a default, typed by it (a list appends; a bool is a flag, --no-NAME for True); under
     --quick, ``quick``'s values. Then the report's header."""
     p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
@@ -60,17 +61,18 @@ class Report:
     """Prints each line as it comes, and keeps --out's markdown up to date; ``save`` writes the figures (.json)."""
 
     def __init__(self, script: str, argv: list[str] | None, quick: bool, out: str | None = None):
-        self.lines: list[str] = []
-        argv = sys.argv[1:] if argv is None else argv
-        self.out = Path(out) if out else None
+        self.lines, self.out = [], Path(out) if out else None
         cpu = next((ln.split(":", 1)[1].strip() for ln in sh("cat", "/proc/cpuinfo").splitlines()
                     if ln.startswith("model name")), platform.processor())
         found = ", ".join(f"{g['name']} ({g['memory_gib']:.0f} GiB, driver {g['driver']})" for g in gpus()) or "none"
         commit = sh("git", "rev-parse", "--short", "HEAD") or "unknown"
         commit += "-dirty" if sh("git", "status", "--porcelain") else ""
-        self(f"command: python scripts/bench/{script} {shlex.join(argv)}".rstrip(), f"commit: {commit}; {time.strftime('%Y-%m-%d %H:%M')}",
+        versions = provenance()["versions"]  # the run's own provenance: what metrics.json records
+        self(f"command: python scripts/bench/{script} {shlex.join(sys.argv[1:] if argv is None else argv)}".rstrip(),
+             f"commit: {commit}; {time.strftime('%Y-%m-%d %H:%M')}",
              f"machine: {platform.platform()}, CPU {cpu}, {cpus()} cores; GPU: {found}; Python {platform.python_version()}",
-             "versions: " + ", ".join(f"{n} {_version(n)}" for n in ("torch", "transformers", "peft", "ray", "optuna", "mlflow")))
+             "versions: " + ", ".join(f"{n} {versions.get(n, '-')}"
+                                      for n in ("torch", "transformers", "peft", "ray", "optuna", "mlflow")))
         if quick:
             self("--quick: a smoke run on the tiny model; the numbers below are not a measurement")
 
@@ -90,13 +92,6 @@ class Report:
             self.out.with_suffix(".json").write_text(json.dumps({"lines": self.lines, **figures}, indent=1, default=str))
 
 
-def _version(name: str) -> str:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "-"
-
-
 def fmt(value, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}"
 
@@ -106,6 +101,12 @@ def spread(values: list, digits: int = 1) -> str:
     v = [x for x in values if x is not None]
     return "n/a" if not v else fmt(v[0], digits) if len(v) == 1 else \
         f"{fmt(statistics.median(v), digits)} ({fmt(min(v), digits)}-{fmt(max(v), digits)})"
+
+
+def timed(fn, *args):
+    """``fn(*args)`` and the seconds it took."""
+    t0 = time.perf_counter()
+    return fn(*args), time.perf_counter() - t0
 
 
 def child(script: str, fn: str, *args, timeout: float = 3600) -> dict:
@@ -134,58 +135,52 @@ def stop_session(sid: int) -> None:
     def pids() -> list[int]:
         found = []
         for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
+            with contextlib.suppress(OSError, IndexError):
                 fields = stat.read_text().rsplit(")", 1)[1].split()  # state ppid pgrp session ...
-            except (OSError, IndexError):
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":
-                found.append(int(stat.parent.name))
+                if int(fields[3]) == sid and fields[0] != "Z":
+                    found.append(int(stat.parent.name))
         return found
 
     for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
         deadline = time.monotonic() + grace
         for pid in pids():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        while pids() and time.monotonic() < deadline:
+        while (left := pids()) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if not pids():
+        if not left:
             return
 
 
-def run_sweep(spec: str, overrides: list[str], env: dict, *, stop=None, timeout: float = 7200) -> dict:
-    """``python sweeps/run.py SPEC OVERRIDES`` in a session of its own, each console line with its arrival time;
-    ``stop()`` (polled) ends it early. Raises if it failed on its own."""
-    cmd, lines = [sys.executable, str(ROOT / "sweeps" / "run.py"), spec, *overrides], []
+def run_sweep(spec: str, name: str, out: Path, overrides: list[str], store: str | None, *, stop=None,
+              timeout: float = 7200) -> dict:
+    """``python sweeps/run.py SPEC name=NAME output_dir=OUT OVERRIDES`` in a session of its own, each console line with
+    its arrival time; its MLflow runs in the store STORE (None: where the spec says). ``stop()`` (polled) ends it early.
+    Raises if it failed on its own."""
+    overrides = [f"name={name}", f"output_dir={out}", *overrides, *(["tracking.uri=null"] if store else [])]
+    cmd, lines = [sys.executable, str(ROOT / "sweeps" / "run.py"), str(ROOT / spec), *overrides], []
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"MLFLOW_TRACKING_URI": store} if store else {})}
     with tempfile.TemporaryFile("w+") as err:
         launch, stopped = time.time(), False
-        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                                stderr=err, text=True, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
         reader = threading.Thread(target=lambda: lines.extend((time.time(), t.rstrip("\n")) for t in proc.stdout), daemon=True)
         reader.start()
-        while proc.poll() is None:
-            if time.time() - launch > timeout or (stop is not None and stop()):
-                stopped = True
-                stop_session(proc.pid)
-                proc.wait(timeout=30)
+        while proc.poll() is None and not (stopped := time.time() - launch > timeout or (stop is not None and stop())):
             time.sleep(0.2)
         exit_unix = time.time()
-        stop_session(proc.pid)  # Ray's processes may linger a moment after the driver
+        stop_session(proc.pid)  # a sweep stopped early; else Ray's processes, which may linger a moment after the driver
+        proc.wait(timeout=30)
         reader.join(timeout=10)
         err.seek(0)
         if proc.returncode != 0 and not stopped:
             raise RuntimeError(f"sweep failed (exit {proc.returncode}): {shlex.join(cmd)}\n"
                                + "\n".join(t for _, t in lines[-30:]) + "\n" + err.read()[-3000:])
     return {"launch_unix": launch, "exit_unix": exit_unix, "wall_s": exit_unix - launch, "stopped_early": stopped,
-            "cpus": cpus(), "lines": lines}
+            "cpus": cpus(), "overrides": overrides, "lines": lines}
 
 
 def warm_store(uri: str) -> None:
     """Create an MLflow store's tables beforehand, as a user's existing store has them (not part of any timing)."""
-    import logging
-
     from mlflow.tracking import MlflowClient
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its "Creating initial MLflow database tables"
     MlflowClient(tracking_uri=uri).search_experiments(max_results=1)

@@ -1,35 +1,36 @@
-"""The Hugging Face peer: our tokenized data as an HF dataset, its collator, and ``TrainingArguments`` from the product's
-own conversion (``sweeps.results.export.hf_training_args``), so HF trains what the trial trained."""
+"""The Hugging Face peer: our tokenized examples as its dataset, our collator, and ``TrainingArguments`` from the product's
+own conversion (``sweeps.results.export.hf_training_args``), so HF trains what the trial trained. Imported only by the
+HF side's own processes (their peak memory and imports are HF's)."""
+import tempfile
+import time
 from pathlib import Path
 
+import torch
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-def rows(examples) -> list[dict]:
-    """Our examples as HF rows: input_ids, attention_mask, labels (-100 off the completion, as our loss)."""
-    return [{"input_ids": list(e.input_ids), "attention_mask": [1] * len(e.input_ids),
-             "labels": [t if is_target else -100 for t, is_target in zip(e.input_ids, e.target)]} for e in examples]
+from sweeps.results.export import hf_training_args
+from trainer.data import collate, run_records, tokenize
+from trainer.methods import get_method
+from trainer.models import load_model, load_tokenizer, resolve_model_dir
 
 
 def collator(pad_id: int):
-    """Right-pads a batch to its longest row, as ``trainer.data.collate`` does."""
-    import torch
-    pad = {"input_ids": pad_id, "attention_mask": 0, "labels": -100}
-
-    def collate(batch: list[dict]) -> dict:
-        width = max(len(r["input_ids"]) for r in batch)
-        return {k: torch.tensor([r[k] + [fill] * (width - len(r[k])) for r in batch]) for k, fill in pad.items()}
-    return collate
+    """Our own ``trainer.data.collate`` of our examples, plus HF's labels: -100 off the completion (as our loss)."""
+    def collate_hf(batch: list) -> dict:
+        out = collate(batch, pad_id)
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"],
+                "labels": out["input_ids"].masked_fill(~out["target"], -100)}
+    return collate_hf
 
 
-def data(cfg, tokenizer) -> tuple[list[dict], list[dict]]:
+def data(cfg, tokenizer) -> tuple[list, list]:
     """Train and eval examples exactly as our loop reads them (``trainer.data.run_records``, then tokenized)."""
-    from trainer.data import run_records, tokenize
     train, evals = run_records(cfg)
-    return rows(tokenize(train, tokenizer, cfg.seq_len)), rows(tokenize(evals, tokenizer, cfg.seq_len))
+    return tokenize(train, tokenizer, cfg.seq_len), tokenize(evals, tokenizer, cfg.seq_len)
 
 
 def hf_fields(cfg, n_train: int, cadence: bool = True) -> dict:
     """The export's fields, the optimizer steps pinned to ours (``total_steps``) and (``cadence``) our report/eval cadence."""
-    from sweeps.results.export import hf_training_args
     fields = {**hf_training_args(cfg, n_train), "max_steps": cfg.total_steps(n_train),
               "logging_steps": max(1, round(cfg.report_every / cfg.examples_per_step))}
     fields.pop("num_train_epochs", None)
@@ -39,8 +40,6 @@ def hf_fields(cfg, n_train: int, cadence: bool = True) -> dict:
 
 
 def training_args(cfg, n_train: int, tmp: str, cadence: bool = True, **extra):
-    import torch
-    from transformers import TrainingArguments
     return TrainingArguments(**{
         "output_dir": str(Path(tmp) / "hf_out"), **hf_fields(cfg, n_train, cadence),
         "label_names": ["labels"],  # a peft-wrapped model hides `labels` from HF's signature sniffing
@@ -50,22 +49,33 @@ def training_args(cfg, n_train: int, tmp: str, cadence: bool = True, **extra):
 
 def model_init(cfg):
     """The model as our trial builds it: loaded, then the method's own ``prepare`` (the same trainable parameters)."""
-    from trainer.methods import get_method
-    from trainer.models import load_model
     model, _ = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     return get_method(cfg.method).prepare(model, cfg)
+
+
+class StepTimes(TrainerCallback):
+    """Each optimizer step's seconds, on_step_begin to on_step_end, summed (as our loop's ``train_time_s``); also the
+    wall clock at the first step's end and the evaluations' own runtime."""
+
+    def __init__(self):
+        self.train_s = self.eval_s = self.t0 = 0.0
+        self.first_step_unix = None
+
+    def on_step_begin(self, *_a, **_k):
+        self.t0 = time.perf_counter()
+
+    def on_step_end(self, *_a, **_k):
+        self.train_s += time.perf_counter() - self.t0
+        self.first_step_unix = self.first_step_unix or time.time()
+
+    def on_evaluate(self, args, state, control, metrics=None, **_k):
+        self.eval_s += (metrics or {}).get("eval_runtime", 0.0)
 
 
 def search(base, cfg_of, n_trials: int, cadence: bool = True, callbacks=(), **search_kw) -> float:
     """``Trainer.hyperparameter_search`` (optuna, lowest ``eval_loss``) over our data, each trial's model and arguments from
     ``cfg_of(trial)`` (``base`` for Trainer's own call); evaluates in one batch of the whole eval set, as ours (16 at most).
     Returns the time the search began (after the tokenizer, the data and Trainer's own model_init)."""
-    import tempfile
-    import time
-
-    from transformers import PrinterCallback, Trainer
-
-    from trainer.models import load_tokenizer, resolve_model_dir
     tokenizer = load_tokenizer(resolve_model_dir(base.model))
     train_ds, eval_ds = data(base, tokenizer)
     with tempfile.TemporaryDirectory(prefix="bench-hf-search-") as tmp:
@@ -75,6 +85,7 @@ def search(base, cfg_of, n_trials: int, cadence: bool = True, callbacks=(), **se
                           callbacks=list(callbacks))
         trainer.remove_callback(PrinterCallback)  # it prints log dicts on stdout, where a child's answer goes
         begin = time.time()
-        trainer.hyperparameter_search(hp_space=lambda trial: hf_fields(cfg_of(trial), len(train_ds), cadence), n_trials=n_trials,
-                                      compute_objective=lambda m: m["eval_loss"], direction="minimize", backend="optuna", **search_kw)
+        trainer.hyperparameter_search(hp_space=lambda trial: hf_fields(cfg_of(trial), len(train_ds), cadence),
+                                      n_trials=n_trials, compute_objective=lambda m: m["eval_loss"], direction="minimize",
+                                      backend="optuna", **search_kw)
     return begin

@@ -1,5 +1,5 @@
 """GPU check (BENCHMARKS.md section 7): A, trials packed through Ray Tune; B, real model sizes (memory_estimate)."""
-import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: this checkout's packages
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: the models are built here
 
-from scripts.bench._harness import ROOT, Report, cli, entry, fmt, gpus, run_sweep, sh, spread, warm_store
+from scripts.bench._harness import Report, cli, entry, fmt, gpus, run_sweep, sh, spread, warm_store
 from scripts.bench.memory_estimate import real_sizes
 
 HEADER_A = ["row", "resources", "runs", "wall s", "trials completed / run", "completed trials/hour", "mean GPU busy %",
@@ -22,43 +22,36 @@ HEADER_A = ["row", "resources", "runs", "wall s", "trials completed / run", "com
 A_OVERRIDES = ["search.refine=null", "space.batch_size=[8]", "tracking.experiment=gpu-check"]  # 12 trials, the same in both rows
 A_QUICK = ["space.method=[lora]", "data.train=builtin:facts:8", "train.epochs=1", "train.memorization=false",
            "train.forgetting=false", "train.eval_every=8", "failure.checkpoint_every=0", "tracking.experiment=gpu-check"]
+# the two rows: name -> (what it asks for, its overrides); without a GPU the second runs one trial at a time
+ROWS_GPU = {"packed": ("resources: auto", ["resources=auto"]), "one per GPU": ("resources: {gpu: 1}", ["resources={gpu: 1}"])}
+ROWS_CPU = {"packed": ("resources: auto", ["resources=auto"]),
+            "one at a time": ("max_concurrent 1 (no GPU)", ["resources=auto", "search.max_concurrent=1"])}
 
 
-@contextlib.contextmanager
-def gpu_busy(on: bool):
-    """GPU busy % samples (the mean of all GPUs, every 0.5 s) while in the ``with`` block; none without a GPU."""
-    samples, stop = [], threading.Event()
+def a_sweep(spec: str, tmp: Path, base: list[str], tag: str, overrides: list[str], on_gpu: bool, end: float) -> dict:
+    """One sweep command: wall (launch to exit), GPU busy % (the mean of all GPUs, every 0.5 s; none without a GPU), and
+    what its trials.json says; completed trials only count."""
+    name, out, busy, done = f"gpucheck-{tag}", tmp / "sweeps", [], threading.Event()
 
     def poll():
-        while not stop.wait(0.5):
-            if out := sh("nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"):
-                samples.append(statistics.mean(float(v) for v in out.split()))
-    if on:
+        while not done.wait(0.5):
+            if sample := sh("nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"):
+                busy.append(statistics.mean(float(v) for v in sample.split()))
+    if on_gpu:
         threading.Thread(target=poll, daemon=True).start()
     try:
-        yield samples
+        t = run_sweep(spec, name, out, [*base, *overrides], f"sqlite:///{tmp / 'mlflow.db'}", timeout=max(end - time.time(), 1.0))
+    except RuntimeError as exc:
+        return {"error": "the sweep failed: " + str(exc).splitlines()[0][:200]}
     finally:
-        stop.set()
-
-
-def a_sweep(spec: str, overrides: list[str], tmp: Path, tag: str, on_gpu: bool, left: float) -> dict:
-    """One sweep command: wall (launch to exit), GPU busy, and what its trials.json says; completed trials only count."""
-    name, out = f"gpucheck-{tag}", tmp / "sweeps"
-    with gpu_busy(on_gpu) as busy:
-        try:
-            t = run_sweep(spec, [f"name={name}", f"output_dir={out}", "tracking.uri=null", *overrides],
-                          {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}, timeout=max(left, 1.0))
-        except RuntimeError as exc:
-            return {"error": "the sweep failed: " + str(exc).splitlines()[0][:200]}
+        done.set()
     if t["stopped_early"] or not (out / name / "trials.json").is_file():
         return {"error": "stopped by --budget-s" if t["stopped_early"] else "no trials.json"}
     finals = [r.get("final") or {} for r in json.loads((out / name / "trials.json").read_text())]
     completed = sum(f.get("status") == "completed" for f in finals)
     peaks = [(f["peak_mem_gib"], f.get("mem_estimate_gib")) for f in finals if f.get("peak_mem_gib") is not None]
-    now = most = 0
-    for _, step in sorted(e for f in finals if f.get("start_unix") and f.get("end_unix") for e in ((f["start_unix"], 1), (f["end_unix"], -1))):
-        now += step
-        most = max(most, now)
+    spans = [(f["start_unix"], f["end_unix"]) for f in finals if f.get("start_unix") and f.get("end_unix")]
+    most = max((sum(a <= s < b for a, b in spans) for s, _ in spans), default=0)  # the most running as one starts
     return {"wall_s": t["wall_s"], "trials": len(finals), "completed": completed, "per_hour": completed * 3600 / t["wall_s"],
             "gpu_busy": statistics.mean(busy) if busy else None, "at_once": most or None,
             "shares": sorted({f["gpu_share"] for f in finals if f.get("gpu_share")}),
@@ -67,21 +60,18 @@ def a_sweep(spec: str, overrides: list[str], tmp: Path, tag: str, on_gpu: bool, 
 
 def part_a(args, rep: Report, on_gpu: bool, end: float) -> dict:
     rep("", f"## Part A: packing through Ray Tune ({Path(args.spec).name})", "")
-    missing = [m for m in ("ray", "optuna", "mlflow") if importlib.util.find_spec(m) is None]
-    if missing:
+    if missing := [m for m in ("ray", "optuna", "mlflow") if importlib.util.find_spec(m) is None]:
         rep(f"not run: {', '.join(missing)} not importable here (see gpu_check.sh)")
         return {"skipped": missing}
-    spec, base = str(ROOT / args.spec), (A_QUICK if args.quick else A_OVERRIDES) + args.override
-    second = ["resources={gpu: 1}"] if on_gpu else ["resources=auto", "search.max_concurrent=1"]
-    rows = {"packed": ("resources: auto", ["resources=auto"]),
-            ("one per GPU" if on_gpu else "one at a time"): ("resources: {gpu: 1}" if on_gpu else "max_concurrent 1 (no GPU)", second)}
+    base, rows = (A_QUICK if args.quick else A_OVERRIDES) + args.override, ROWS_GPU if on_gpu else ROWS_CPU
     rep(f"overrides on both rows: `{' '.join(base)}`; " + "; ".join(f"{r} = `{' '.join(ov)}`" for r, (_, ov) in rows.items()))
     runs, rng, last = [], random.Random(args.seed), 0.0
     with tempfile.TemporaryDirectory(prefix="gpu-check-a-") as tmp_name:
         tmp = Path(tmp_name)
+        sweep = functools.partial(a_sweep, args.spec, tmp, base, on_gpu=on_gpu, end=end)
         warm_store(f"sqlite:///{tmp / 'mlflow.db'}")
         if args.warmup:  # model cache, the base model's cached evaluation, imports: discarded
-            warm = a_sweep(spec, [*base, "resources=auto", "space.method=[lora]"], tmp, "warmup", on_gpu, end - time.time())
+            warm = sweep("warmup", ["resources=auto", "space.method=[lora]"])
             rep("warm-up (discarded): " + (warm.get("error") or f"{warm['wall_s']:.1f} s"))
         for repeat in range(1, args.repeats + 1):
             if last and end - time.time() < 1.1 * last:
@@ -90,28 +80,28 @@ def part_a(args, rep: Report, on_gpu: bool, end: float) -> dict:
             t0, order = time.time(), list(rows)
             rng.shuffle(order)
             for row in order:
-                r = {"repeat": repeat, "row": row, **a_sweep(spec, [*base, *rows[row][1]], tmp, f"{row[:3]}-{repeat}", on_gpu, end - time.time())}
-                runs.append(r)
+                runs.append(r := {"repeat": repeat, "row": row, **sweep(f"{row[:3]}-{repeat}", rows[row][1])})
                 rep(f"repeat {repeat}, {row}: " + (r["error"] if "error" in r else f"{r['wall_s']:.1f} s, {r['completed']} of "
                                                    f"{r['trials']} completed, GPU busy {fmt(r['gpu_busy'], 0)}%"))
             last = time.time() - t0
     rep("")
+    ok = {(r["repeat"], r["row"]): r for r in runs if "error" not in r}
     table, per_hour = [], {}
     for row, (asks, _) in rows.items():
-        done = [r for r in runs if r["row"] == row and "error" not in r]
+        done = [r for (_, of), r in ok.items() if of == row]
         per_hour[row] = [r["per_hour"] for r in done]
         at_once = sorted({r["at_once"] for r in done if r["at_once"]}) or ["n/a"]
-        table.append([row, asks, len(done), spread([r["wall_s"] for r in done]), f"{min((r['completed'] for r in done), default=0)} of "
-                      f"{max((r['trials'] for r in done), default=0)}", spread(per_hour[row], 0), spread([r["gpu_busy"] for r in done], 0),
-                      "-".join(map(str, sorted({at_once[0], at_once[-1]}))), ", ".join(f"{x:g}" for x in sorted({x for r in done for x in r["shares"]})) or "-",
+        shares = ", ".join(f"{x:g}" for x in sorted({x for r in done for x in r["shares"]})) or "-"
+        table.append([row, asks, len(done), spread([r["wall_s"] for r in done]),
+                      f"{min((r['completed'] for r in done), default=0)} of {max((r['trials'] for r in done), default=0)}",
+                      spread(per_hour[row], 0), spread([r["gpu_busy"] for r in done], 0),
+                      "-".join(map(str, sorted({at_once[0], at_once[-1]}))), shares,
                       spread([r["peak_gib"] for r in done], 2), spread([r["estimate_gib"] for r in done], 2)])
     rep.table(HEADER_A, table, "median (min-max) over the repeats:")
     first, second = rows
-    pairs = [a["per_hour"] / b["per_hour"] for a in runs for b in runs if a["repeat"] == b["repeat"] and a["row"] == first
-             and b["row"] == second and "error" not in a and "error" not in b]
-    if pairs:
-        rep(f"{first} / {second}, completed trials per hour: **{statistics.median(per_hour[first]) / statistics.median(per_hour[second]):.2f}x**"
-            f" (per repeat {min(pairs):.2f}x-{max(pairs):.2f}x)")
+    if pairs := [ok[k, first]["per_hour"] / ok[k, second]["per_hour"] for k, row in ok if row == first and (k, second) in ok]:
+        ratio = statistics.median(per_hour[first]) / statistics.median(per_hour[second])
+        rep(f"{first} / {second}, completed trials per hour: **{ratio:.2f}x** (per repeat {min(pairs):.2f}x-{max(pairs):.2f}x)")
     return {"runs": runs, "overrides": base}
 
 

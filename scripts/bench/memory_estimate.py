@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: t
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import trainer.loop as loop
 from scripts.bench._harness import Report, child, cli, entry, fmt, gpus
@@ -30,27 +31,26 @@ HEADER = ["model", "method", "dtype", "checkpointing", "batch x seq", "estimate 
 SHAPES = {"tiny": (8, 64), "smollm2-135m": (4, 128)}  # (batch, seq_len)
 TRAINING_PEAK_BATCH = 16  # --quick: the tiny model's training step sets the peak at this batch (else an eval batch does)
 BLOCK_VOCAB = 1024
-LLAMA = {  # published dimensions; no weights are read
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)}
+LLAMA3 = dict(num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)  # published dimensions; no weights are read
+LLAMA = {"llama-3.2-1b": dict(LLAMA3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, tie_word_embeddings=True),
+         "llama-3.1-8b": dict(LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, tie_word_embeddings=False)}
 B_ROWS = [("lora", {"method": "lora"}), ("qlora", {"method": "lora", "quantization": "4bit"}), ("full", {"method": "full"})]
 B_8BIT = ("full", {"method": "full", "optimizer": "adamw_8bit"})
+B_HEADER = ["model", "method", "optimizer", "status", "estimate GiB", "measured peak GiB", "peak / estimate",
+            "tokens/s after step 1", "s/step after step 1", "torchtune, Llama-3.1-8B, 1 GPU"]
 # torchtune README, "Memory and training speed": Llama-3.1-8B, 1x RTX 4090, batch 2 packed to 2048, torch.compile
 TORCHTUNE = {"lora": "16.2 GiB, 3083 tok/s", "qlora": "7.4 GiB, 2413 tok/s", "full": "18.9 GiB, 1650 tok/s"}
 WORDS = "river stone lantern copper meadow violin harbor cedar orbit marble thunder basil quartz falcon ember".split()
 
 
-def write_data(folder: Path, n: int = 16) -> tuple[str, str]:
-    """Records alternately far longer than any seq_len here and a third as long: every batch padded to seq_len, masked."""
-    rng, paths = random.Random(0), []
-    for split in ("train", "eval"):
-        path = folder / f"{split}.jsonl"
-        path.write_text("".join(json.dumps({"prompt": f"Record {split} {i}:", "completion": " " + " ".join(
-            rng.choice(WORDS) for _ in range(200 if i % 2 == 0 else 12))}) + "\n" for i in range(n)))
-        paths.append(str(path))
-    return paths[0], paths[1]
+def write_data(folder: Path, n: int = 16, words: tuple = (200, 12), eval_words: tuple | None = None) -> tuple[str, str]:
+    """Records alternately ``words[0]`` and ``words[1]`` words long (section 8: far longer than any seq_len here, and a
+    third as long: every batch padded to seq_len, masked); the eval file's, ``eval_words`` (default: the same)."""
+    rng = random.Random(0)
+    for split, lengths in (("train", words), ("eval", eval_words or words)):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps({"prompt": f"Record {split} {i}:", "completion": " " + " ".join(
+            rng.choice(WORDS) for _ in range(lengths[i % 2]))}) + "\n" for i in range(n)))
+    return str(folder / "train.jsonl"), str(folder / "eval.jsonl")
 
 
 def allocations(prof, since: int = 0) -> tuple[list, int, str]:
@@ -68,19 +68,22 @@ def allocations(prof, since: int = 0) -> tuple[list, int, str]:
     return allocs, top.extra_fields.total_allocated, top.parent.name if top.parent is not None else "?"
 
 
+def _row(cfg: TrainConfig, model: str, estimate_bytes: int, phase: str, peak: int, op: str, **extra) -> dict:
+    return {"model": model, "method": cfg.method, "dtype": cfg.dtype, "checkpointing": cfg.gradient_checkpointing,
+            "batch": cfg.batch_size, "seq_len": cfg.seq_len, "estimate_bytes": estimate_bytes, "estimate_phase": phase, **extra,
+            "peak_bytes": peak, "peak_op": op, "ratio": estimate_bytes / peak}
+
+
 def run_row(model: str, method: str, dtype: str, ckpt: bool, batch: int, train: str, eval_: str) -> dict:
     """(In a fresh process.) One whole run under the memory profiler, next to its estimate."""
     cfg = TrainConfig(model=model, method=method, dtype=dtype, gradient_checkpointing=ckpt, device="cpu", train_data=train,
                       eval_data=eval_, seq_len=SHAPES.get(model, (4, 128))[1], batch_size=batch, max_steps=3,
                       report_every=batch, eval_every=None, learning_rate=1e-4, threads=2, save_model=False)
-    est = estimate(cfg, device="cpu")
-    loaded, load_for = [], loop.load_for
-    loop.load_for = lambda *a, **k: loaded.append(load_for(*a, **k)) or loaded[-1]  # keep the model: its mapped weights
-    try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            result = loop.train(cfg)
-    finally:
-        loop.load_for = load_for
+    est, loaded, load_for = estimate(cfg, device="cpu"), [], loop.load_for
+    # keep the model: its mapped weights (this process does nothing else, so the patch stays)
+    loop.load_for = lambda *a, **k: loaded.append(load_for(*a, **k)) or loaded[-1]
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = loop.train(cfg)
     if result.status != "completed":
         raise RuntimeError(f"run did not complete: {result.status} {result.reason}")
     allocs, at_peak, op = allocations(prof)
@@ -88,15 +91,12 @@ def run_row(model: str, method: str, dtype: str, ckpt: bool, batch: int, train: 
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                 for t in [*loaded[0][0].parameters(), *loaded[0][0].buffers()]}
     peak = at_peak + sum(n for ptr, n in storages.items() if ptr not in handed_out)
-    return {"model": model, "method": method, "dtype": dtype, "checkpointing": ckpt, "batch": batch, "seq_len": cfg.seq_len,
-            "estimate_bytes": est.total_bytes, "estimate_phase": est.peak_phase, "estimate": est.describe(),
-            "peak_bytes": peak, "peak_op": op, "ratio": est.total_bytes / peak}
+    return _row(cfg, model, est.total_bytes, est.peak_phase, peak, op, estimate=est.describe())
 
 
 def block_row(method: str, dtype: str, ckpt: bool, folder: Path) -> dict:
     """One forward and backward pass (the loop's loss) of a random 2-block Llama of SmolLM2's block shape, batch 4 x 128
     with padding: the peak of live bytes above the weights, against the estimate's backward phases."""
-    from transformers import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(vocab_size=BLOCK_VOCAB, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
                          num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True)
     config.save_pretrained(folder)
@@ -122,9 +122,7 @@ def block_row(method: str, dtype: str, ckpt: bool, folder: Path) -> dict:
     phases = dict(estimate(cfg, device="cpu").phases)
     phase = max(("backward start", "backward end"), key=phases.get)
     measured = at_peak - allocs[0].extra_fields.total_allocated
-    return {"model": f"2 x SmolLM2 block, vocab {BLOCK_VOCAB}", "method": method, "dtype": dtype, "checkpointing": ckpt,
-            "batch": 4, "seq_len": 128, "estimate_bytes": phases[phase], "estimate_phase": phase, "peak_bytes": measured,
-            "peak_op": op, "ratio": phases[phase] / measured}
+    return _row(cfg, f"2 x SmolLM2 block, vocab {BLOCK_VOCAB}", phases[phase], phase, measured, op)
 
 
 def _rows(rows: list[dict]) -> list[list]:
@@ -136,30 +134,12 @@ def _rows(rows: list[dict]) -> list[list]:
 def block_rows(methods: list[str], dtypes: list[str], ckpts: list[bool]) -> dict:
     """(A fresh process.) ``block_row`` for each method, dtype and checkpointing."""
     with tempfile.TemporaryDirectory(prefix="bench-mem-block-") as tmp:
-        return {"rows": [block_row(m, d, c, Path(tmp) / f"{m}-{d}-{c}") for m in methods for d in dtypes
-                         for c in ckpts]}
-
-
-def vocab_data(folder: Path, tokenizer, seq_len: int, n: int) -> tuple[str, str]:
-    """Prompt/completion records of random whole words of the vocabulary, each about ``seq_len`` tokens, and a short eval."""
-    rng = random.Random(0)
-    words = sorted(t[1:] for t in tokenizer.get_vocab() if t.startswith("\u0120") and t[1:].isalpha() and t[1:].isascii() and len(t) > 3)
-
-    def record(prompt_words: int, tokens: int) -> str:
-        prompt = " ".join(rng.choices(words, k=prompt_words)) + "\n"
-        ids = tokenizer(" ".join(rng.choices(words, k=tokens)), add_special_tokens=False)["input_ids"]
-        budget = tokens - len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) - 2  # EOS, maybe BOS
-        return json.dumps({"prompt": prompt, "completion": tokenizer.decode(ids[:max(1, budget)])}) + "\n"
-
-    (folder / "train.jsonl").write_text("".join(record(min(64, seq_len // 8), seq_len) for _ in range(n)))
-    (folder / "eval.jsonl").write_text("".join(record(8, 24) for _ in range(2)))
-    return str(folder / "train.jsonl"), str(folder / "eval.jsonl")
+        return {"rows": [block_row(m, d, c, Path(tmp) / f"{m}-{d}-{c}") for m in methods for d in dtypes for c in ckpts]}
 
 
 def build(dims: dict | None, folder: str, device: str) -> dict:
     """(A fresh process.) A random-init bf16 model of ``dims`` (None: the tiny model's config), saved with SmolLM2's
     tokenizer (the vocabulary as published)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
     tok = load_tokenizer(ensure_preset("smollm2-135m"))
     config = (AutoConfig.from_pretrained(ensure_preset("tiny"), local_files_only=True) if dims is None else
               LlamaConfig(**dims, max_position_embeddings=131072, bos_token_id=tok.bos_token_id,
@@ -193,16 +173,17 @@ def real_sizes(args, rep: Report, on_gpu: bool, end: float) -> dict:
     quiet_libraries()  # --quick trains in this process
     warnings.filterwarnings("ignore", message=".*an autograd kernel was not registered.*")  # bitsandbytes on the CPU
     device, gpu_gib = ("cuda", gpus()[0]["memory_gib"]) if on_gpu else ("cpu", None)
-    rep("", f"## Part B: real sizes (bf16, gradient checkpointing, batch {args.batch_size} x {args.seq_len}, {args.steps} steps, {device})", "")
+    rep("", f"## Part B: real sizes (bf16, gradient checkpointing, batch {args.batch_size} x {args.seq_len}, {args.steps} steps, "
+            f"{device})", "")
     rows = []
     with tempfile.TemporaryDirectory(prefix="gpu-check-b-") as tmp_name:
         tmp = Path(tmp_name)
-        train_path, eval_path = vocab_data(tmp, load_tokenizer(ensure_preset("smollm2-135m")), args.seq_len,
-                                           args.steps * args.batch_size + 2)
-        base = dict(dtype="bfloat16", gradient_checkpointing=True, device=device, batch_size=args.batch_size, seq_len=args.seq_len,
-                    max_steps=args.steps, learning_rate=1e-5, warmup_ratio=0.0, scheduler="constant", report_every=args.batch_size,
-                    eval_every=None, memorization=False, forgetting=False, weight_change=False, train_data=train_path,
-                    eval_data=eval_path, save_model=False, seed=0)
+        # every record past seq_len (each word a token or more): full sequences; the final eval on short ones
+        train, eval_ = write_data(tmp, args.steps * args.batch_size + 2, (args.seq_len,) * 2, (8, 8))
+        base = dict(dtype="bfloat16", gradient_checkpointing=True, device=device, batch_size=args.batch_size, seed=0,
+                    seq_len=args.seq_len, max_steps=args.steps, learning_rate=1e-5, warmup_ratio=0.0, scheduler="constant",
+                    eval_every=None, report_every=args.batch_size, memorization=False, forgetting=False, weight_change=False,
+                    train_data=train, eval_data=eval_, save_model=False)
         plan = [("tiny", None, B_ROWS)] if args.quick else [
             (m, LLAMA[m], B_ROWS + ([B_8BIT] if m == "llama-3.1-8b" else [])) for m in args.models.split(",")]
         for model, dims, labels in plan:
@@ -210,11 +191,11 @@ def real_sizes(args, rep: Report, on_gpu: bool, end: float) -> dict:
                 built = call(build, dims, str(tmp / model), device)
                 rep(f"{model}: {built['params'] / 1e6:,.0f} M parameters")
             except Exception as exc:
-                rows += [{"model": model, "label": lb, "settings": st, "status": f"not built: {str(exc)[-200:]}"} for lb, st in labels]
+                rows += [dict(model=model, label=lb, settings=st, status=f"not built: {str(exc)[-200:]}") for lb, st in labels]
                 continue
             for label, settings in labels:
                 cfg = TrainConfig(model=str(tmp / model), **base, **settings)
-                row = {"model": model, "label": label, "settings": settings, "estimate_gib": estimate(cfg, device=device).total_gib}
+                row = dict(model=model, label=label, settings=settings, estimate_gib=estimate(cfg, device=device).total_gib)
                 if gpu_gib and row["estimate_gib"] > gpu_gib:
                     row["status"] = f"skipped: estimate {row['estimate_gib']:.1f} GiB > the GPU's {gpu_gib:.1f}"
                 elif end - time.time() < 30:
@@ -226,14 +207,13 @@ def real_sizes(args, rep: Report, on_gpu: bool, end: float) -> dict:
                         row["status"] = f"crashed: {str(exc).strip().splitlines()[-1][:200]}"
                 rows.append(row)
             shutil.rmtree(tmp / model, ignore_errors=True)  # 16 GB for the 8B: one model on disk at a time
-    rep.table(["model", "method", "optimizer", "status", "estimate GiB", "measured peak GiB", "peak / estimate", "tokens/s after step 1",
-               "s/step after step 1", "torchtune, Llama-3.1-8B, 1 GPU"],
-              [[r["model"], r["label"], r["settings"].get("optimizer", "adamw"), r["status"], fmt(r.get("estimate_gib"), 2),
-                fmt(r.get("peak_gib"), 2), f"{r['peak_gib'] / r['estimate_gib']:.2f}" if r.get("peak_gib") else "n/a",
-                fmt(r.get("tokens_per_s"), 0), fmt(r.get("s_per_step"), 3), TORCHTUNE.get(r["label"], "-") if "8b" in r["model"] else "-"]
-               for r in rows])
-    rep("torchtune: torch.compile, chunked cross-entropy, and for full fine-tuning paged 8-bit AdamW stepped in the backward pass; "
-        "ours: none of these (the whole float32 logits)")
+    rep.table(B_HEADER, [[r["model"], r["label"], r["settings"].get("optimizer", "adamw"), r["status"],
+                          fmt(r.get("estimate_gib"), 2), fmt(r.get("peak_gib"), 2),
+                          f"{r['peak_gib'] / r['estimate_gib']:.2f}" if r.get("peak_gib") else "n/a",
+                          fmt(r.get("tokens_per_s"), 0), fmt(r.get("s_per_step"), 3),
+                          TORCHTUNE.get(r["label"], "-") if "8b" in r["model"] else "-"] for r in rows])
+    rep("torchtune: torch.compile, chunked cross-entropy, and for full fine-tuning paged 8-bit AdamW stepped in the backward "
+        "pass; ours: none of these (the whole float32 logits)")
     return {"rows": rows, "device": device}
 
 

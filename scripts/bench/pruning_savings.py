@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: this checkout's packages
 
-from scripts.bench._harness import ROOT, cli, entry, fmt, run_sweep
+from scripts.bench._harness import cli, entry, fmt, run_sweep
 
 BOTH = ["search.refine=null"]  # refinement proposes LRs from each run's own results: the two runs would differ
 # every stop rule off: no Optuna rule, divergence thresholds nothing reaches, no trainer-side smoothed-loss stop
@@ -20,6 +20,7 @@ UNPRUNED = ["pruning.rule=none", "pruning.divergence.factor=1.0e9", "pruning.div
 QUICK_BOTH = ["space.method=[full]", "space.learning_rate=[1.0e-3, 3.0e-2, 3.0]", "search.max_concurrent=1",
               "train.memorization=false", "train.forgetting=false"]
 QUICK_PRUNED = ["pruning.rule=median", "pruning.startup_trials=1", "pruning.warmup_reports=1"]
+KINDS, LABELS = ("pruned", "unpruned"), {"pruned": "with pruning", "unpruned": "without pruning"}
 
 
 def _steps(r) -> int:
@@ -50,37 +51,36 @@ def measure(dirs: dict[str, Path]) -> dict:
     from sweeps.results.tradeoff import best_record
     from sweeps.spec import SweepSpec
     spec = SweepSpec.model_validate(json.loads((dirs["pruned"] / "spec.json").read_text())["spec"])
-    keys = list(spec.space)
+    keys, div = list(spec.space), spec.pruning.divergence.model_dump()
     runs = {k: read_trials(d / "trials.json") for k, d in dirs.items()}
     cells = {k: {tuple(f"{r.config.get(f):.6g}" if isinstance(r.config.get(f), float) else str(r.config.get(f)) for f in keys): r
                  for r in recs} for k, recs in runs.items()}
     both = sorted(set(cells["pruned"]) & set(cells["unpruned"]))
     steps = {k: sum(_steps(cells[k][c]) for c in both) for k in cells}
     best = {k: best_record(recs, spec.search.mode) for k, recs in runs.items()}  # as `finetune export` picks it
-    div = spec.pruning.divergence.model_dump()
     latency = []
     for c in both:
-        p, u = cells["pruned"][c], cells["unpruned"][c]
-        first = _first_past(u, div)
-        if _diverged(p) or first is not None:
+        p, first = cells["pruned"][c], _first_past(cells["unpruned"][c], div)
+        if (caught := _diverged(p)) or first is not None:
             stop = len(p.history)
-            latency.append({**dict(zip(keys, c)), "first": first, "stop": stop, "caught": _diverged(p),
-                            "latency": stop - first if _diverged(p) and first else None,
-                            "after_grace": stop - max(first, div["min_reports"]) if _diverged(p) and first else None})
-    known = [r["latency"] for r in latency if r["latency"] is not None]
+            latency.append({**dict(zip(keys, c)), "first": first, "stop": stop, "caught": caught,
+                            "latency": stop - first if caught and first else None,
+                            "after_grace": stop - max(first, div["min_reports"]) if caught and first else None})
+
+    def count(pred) -> dict[str, int]:  # each run's trials for which pred holds
+        return {k: sum(map(pred, v)) for k, v in runs.items()}
     return {"keys": keys, "grid": n_trials(spec), "trials": {k: len(v) for k, v in runs.items()}, "matched": len(both),
-            "steps": steps, "saved": 1 - steps["pruned"] / steps["unpruned"] if steps["unpruned"] else None, "rule": spec.pruning.rule,
-            "median_stops": {k: sum((r.stopped_by or "").startswith("pruned") for r in v) for k, v in runs.items()},
-            "diverged": {k: sum(map(_diverged, v)) for k, v in runs.items()},
-            "failed": {k: sum(r.outcome == "failed" for r in v) for k, v in runs.items()},
+            "steps": steps, "saved": 1 - steps["pruned"] / steps["unpruned"] if steps["unpruned"] else None,
+            "rule": spec.pruning.rule, "median_stops": count(lambda r: (r.stopped_by or "").startswith("pruned")),
+            "diverged": count(_diverged), "failed": count(lambda r: r.outcome == "failed"),
             "best": {k: ({**{f: b.config.get(f) for f in keys}, "objective": b.objective, "outcome": b.outcome} if b else None)
                      for k, b in best.items()},
             "same_best": None if None in best.values() else
             all(best["pruned"].config.get(f) == best["unpruned"].config.get(f) for f in keys),
-            "latency": latency, "max_latency": max(known, default=None),
+            "latency": latency, "max_latency": max((r["latency"] for r in latency if r["latency"] is not None), default=None),
             "missed": sum(not r["caught"] for r in latency), "divergence": div, "metric": spec.search.metric,
-            "cells": [{**dict(zip(keys, c)), "steps_pruned": _steps(cells["pruned"][c]), "steps_unpruned": _steps(cells["unpruned"][c]),
-                       "outcome_pruned": cells["pruned"][c].outcome, "outcome_unpruned": cells["unpruned"][c].outcome} for c in both]}
+            "cells": [{**dict(zip(keys, c)), **{f"steps_{k}": _steps(cells[k][c]) for k in KINDS},
+                       **{f"outcome_{k}": cells[k][c].outcome for k in KINDS}} for c in both]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,37 +89,31 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-pruning-") as tmp:
         out = Path(args.keep or tmp).resolve()
 
-        def one(kind: str) -> tuple[Path, float]:
-            extra = (QUICK_BOTH + (QUICK_PRUNED if kind == "pruned" else [])) if args.quick else []
-            name = f"pruning-{kind}"
-            ov = [*BOTH, *extra, *args.set, *(UNPRUNED if kind == "unpruned" else []),
-                  f"name={name}", f"output_dir={out}", f"tracking.experiment={name}", "tracking.uri=null"]
+        def one(kind: str) -> float:
+            name, extra = f"pruning-{kind}", (QUICK_BOTH + (QUICK_PRUNED if kind == "pruned" else [])) if args.quick else []
+            ov = [*BOTH, *extra, *args.set, *(UNPRUNED if kind == "unpruned" else []), f"tracking.experiment={name}"]
             # one MLflow store per sweep: two sweeps creating one SQLite store at once race on its schema
-            t = run_sweep(str(ROOT / args.spec), ov, {"MLFLOW_TRACKING_URI": f"sqlite:///{out / name}.mlflow.db"})
-            rep(f"{kind}: {t['wall_s']:.0f} s: python sweeps/run.py {args.spec} {' '.join(ov)}")
-            return out / name, t["wall_s"]
+            t = run_sweep(args.spec, name, out, ov, f"sqlite:///{out / name}.mlflow.db")
+            rep(f"{kind}: {t['wall_s']:.0f} s: python sweeps/run.py {args.spec} {' '.join(t['overrides'])}")
+            return t["wall_s"]
 
         # one after the other (side by side they would share the cores); --quick: side by side, a smoke run
         with ThreadPoolExecutor(2 if args.quick else 1) as pool:
-            ran = dict(zip(("pruned", "unpruned"), pool.map(one, ("pruned", "unpruned"))))
-        m = measure({k: d for k, (d, _) in ran.items()})
-    m["wall_s"] = {k: w for k, (_, w) in ran.items()}
+            walls = dict(zip(KINDS, pool.map(one, KINDS)))
+        m = {**measure({k: out / f"pruning-{k}" for k in KINDS}), "wall_s": walls}
     rep("", f"matched grid cells: {m['matched']} of the grid's {m['grid']} (trials: {m['trials']['pruned']} with pruning, "
             f"{m['trials']['unpruned']} without)", "")
-    rule = (f"stopped by the {m['rule']} rule" if m["rule"] != "none" else None)
-    rows = [[f"optimizer steps ({m['matched']} matched cells)", m["steps"]["pruned"], m["steps"]["unpruned"],
-             f"**{fmt(100 * m['saved'] if m['saved'] is not None else None, 0)}%** (target >= 30%)"],
-            *([[rule, m["median_stops"]["pruned"], m["median_stops"]["unpruned"], ""]] if rule else []),
-            ["stopped as diverged", m["diverged"]["pruned"], m["diverged"]["unpruned"], ""],
-            ["failed", m["failed"]["pruned"], m["failed"]["unpruned"], ""]]
-    rep.table(["", "with pruning", "without pruning", "saved"], rows,
+    counts = {f"optimizer steps ({m['matched']} matched cells)": "steps", f"stopped by the {m['rule']} rule": "median_stops",
+              "stopped as diverged": "diverged", "failed": "failed"}  # a grid (rule none) has no Optuna rule's row
+    saved = f"**{fmt(100 * m['saved'] if m['saved'] is not None else None, 0)}%** (target >= 30%)"
+    rep.table(["", *LABELS.values(), "saved"], [[label, *(m[key][k] for k in KINDS), saved if key == "steps" else ""]
+                                                for label, key in counts.items() if key != "median_stops" or m["rule"] != "none"],
               f"Stop rules: divergence factor {m['divergence']['factor']:g}, spike {m['divergence']['spike']:g}, not before "
               f"report {m['divergence']['min_reports']}; Optuna rule: {m['rule']}"
               + (" (a grid prunes by the divergence rules only)" if m["rule"] == "none" else ""))
     same = {True: "yes", False: "NO", None: "cannot tell"}[m["same_best"]]
     rep.table(["run", *m["keys"], f"objective ({m['metric']})", "outcome"],
-              [[{"pruned": "with pruning", "unpruned": "without pruning"}[k], *(b[f] for f in m["keys"]),
-                f"{b['objective']:.4f}", b["outcome"]] for k, b in m["best"].items() if b],
+              [[LABELS[k], *(b[f] for f in m["keys"]), f"{b['objective']:.4f}", b["outcome"]] for k, b in m["best"].items() if b],
               f"Best configuration (a completed trial, as `finetune export` picks it), the same in both runs: {same}")
     rep.table([*m["keys"], "past threshold at report #", "stopped at report #", "latency (reports)", "after the grace"],
               [[*(r[f] for f in m["keys"]), r["first"] or "never", r["stop"] if r["caught"] else "not stopped",

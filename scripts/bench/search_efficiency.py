@@ -4,26 +4,26 @@ import math
 import statistics
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: this checkout's packages
 
-from scripts.bench._harness import ROOT, child, cli, entry, fmt, run_sweep
+import optuna
+
+from scripts.bench._harness import ROOT, child, cli, entry, fmt, run_sweep, timed
+from sweeps.launch.space import DefineByRun
+from sweeps.results.records import read_trials
+from sweeps.spec import load_spec, trial_config
 
 SEARCHERS = {"ours tpe": "tpe", "ours random": "random", "HF optuna": None}
 
 
 def run_ours(args, searcher: str, seed: int, out: Path) -> dict:
     """``sweeps/run.py SPEC search.algorithm=A search.seed=S``; its trials in the order the sampler proposed them."""
-    import optuna
-
-    from sweeps.results.records import read_trials
     name = f"se-{SEARCHERS[searcher]}-s{seed}"
-    t = run_sweep(str(ROOT / args.spec), [f"name={name}", f"search.algorithm={SEARCHERS[searcher]}", f"search.seed={seed}",
-                                          f"search.n_trials={args.trials}", f"output_dir={out}", "tracking.uri=null"],
-                  {"MLFLOW_TRACKING_URI": f"sqlite:///{out / name}.mlflow.db"})
+    t = run_sweep(args.spec, name, out, [f"search.algorithm={SEARCHERS[searcher]}", f"search.seed={seed}",
+                                         f"search.n_trials={args.trials}"], f"sqlite:///{out / name}.mlflow.db")
     records = read_trials(out / name / "trials.json")
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{out / name / 'optuna.db'}")
     trials = []
@@ -37,27 +37,23 @@ def run_ours(args, searcher: str, seed: int, out: Path) -> dict:
 
 def hf_search(spec: str, n_trials: int, seed: int) -> dict:
     """(In a fresh process.) ``Trainer.hyperparameter_search`` with TPE (seeded) over the sweep's own define-by-run space."""
-    import optuna
     import torch
 
     from scripts.bench import _hf
-    from sweeps.launch.space import DefineByRun
-    from sweeps.spec import load_spec, trial_config
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = load_spec(ROOT / spec, [f"search.n_trials={n_trials}", f"search.seed={seed}"])
     space, storage = DefineByRun(spec), optuna.storages.InMemoryStorage()
     # transformers 5 calls model_init before hp_space: both suggest (Optuna repeats a trial's values); one eval, at the end
     _hf.search(spec.base, lambda trial: space(trial) or trial_config(spec.base, trial.params), n_trials, cadence=False,
                sampler=optuna.samplers.TPESampler(seed=seed), storage=storage, study_name="hf")
-    trials = [{"number": t.number, "params": t.params, "value": t.value if t.value is not None and math.isfinite(t.value) else None}
-              for t in sorted(optuna.load_study(study_name="hf", storage=storage).trials, key=lambda t: t.number)]
+    trials = [{"number": t.number, "params": t.params, "value": t.value if t.value is not None and math.isfinite(t.value)
+               else None} for t in sorted(optuna.load_study(study_name="hf", storage=storage).trials, key=lambda t: t.number)]
     return {"trials": trials, "threads": torch.get_num_threads()}
 
 
-def run_hf(args, seed: int) -> dict:
-    t0 = time.perf_counter()
-    res = child(__file__, "hf_search", args.spec, args.trials, seed)
-    return {"searcher": "HF optuna", "seed": seed, "wall_s": time.perf_counter() - t0, **res}
+def run_hf(args, searcher: str, seed: int, _out: Path) -> dict:
+    res, wall = timed(child, __file__, "hf_search", args.spec, args.trials, seed)
+    return {"searcher": searcher, "seed": seed, "wall_s": wall, **res}
 
 
 def best_after(trials: list[dict], k: int) -> float | None:
@@ -72,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
         for seed in seeds:  # the three searches one after the other; --quick: side by side (each sweep its own Ray)
             with ThreadPoolExecutor(3 if args.quick else 1) as pool:
-                runs += pool.map(lambda s, seed=seed: run_hf(args, seed) if s == "HF optuna" else run_ours(args, s, seed, Path(tmp)), SEARCHERS)
+                runs += pool.map(lambda s, seed=seed: (run_ours if SEARCHERS[s] else run_hf)(args, s, seed, Path(tmp)), SEARCHERS)
     l0 = next((r["l0"] for r in runs if r.get("l0") is not None), None)
     rep(f"spec {args.spec}: {args.trials} trials per search, seeds {args.seeds}; base eval loss l0 {fmt(l0, 3)}; HF sequential "
         f"with {runs[-1]['threads']} torch threads; ours as many at a time as the spec's resources allow", "")

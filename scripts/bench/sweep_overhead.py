@@ -14,29 +14,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: this checkout's packages
 
 from scripts.bench._harness import ROOT, child, cli, entry, fmt, run_sweep, warm_store
+from sweeps.spec import SweepSpec, load_spec, trial_config  # here: the HF child imports it anyway
 
 _PROGRESS = re.compile(r"^\[\d+:\d\d\] (\S+)\s+(\S+) ")  # sweeps.launch.progress: "[mm:ss] start   049a12d3 lora lr=..."
 EFF = ["runner", "trials", "slots", "wall s", "training s", "eval s", "training share", "useful share (training + eval)"]
 PARTS = {"training": "training (optimizer steps)", "eval": "eval (periodic and final)", "setup": "model load + setup",
-         "per_trial_start": "per-trial start (Tune starts it -> trainer begins)", "in_trial_other": "in-trial other (reports, checkpoints)",
-         "idle": "idle slots while Tune runs", "startup": "start-up before Tune x slots", "finish": "finish after fit() x slots"}
-MILESTONES = {"ready": "Ray and MLflow up", "trial_started": "first trial started by Tune", "trainer_began": "first trainer began",
-              "first_step": "first optimizer step done"}
+         "per_trial_start": "per-trial start (Tune starts it -> trainer begins)",
+         "in_trial_other": "in-trial other (reports, checkpoints)", "idle": "idle slots while Tune runs",
+         "startup": "start-up before Tune x slots", "finish": "finish after fit() x slots"}
+MILESTONES = {"ready": "Ray and MLflow up", "trial_started": "first trial started by Tune",
+              "trainer_began": "first trainer began", "first_step": "first optimizer step done"}
 
 
-def slots_for(spec, n_cpus: int) -> int:
-    """Trials Ray runs at once, by the product's own placement: the cheapest method's, capped by max_concurrent."""
-    from sweeps.launch.placement import Node, at_once, largest_trials, trial_resources
-    nodes = [Node(n_cpus, 0, None)]
-    placer = trial_resources(spec, nodes)
-    fit = max(at_once(placer.share(cfg), nodes, None) for cfg in largest_trials(spec, placer).values())
-    return max(1, min(fit, spec.search.max_concurrent or fit))
+def slots_for(lines: list) -> int:
+    """Trials Ray runs at once, as the sweep's own plan said it ("full: 1 CPU per trial; 2 trial(s) at once")."""
+    return max([int(m.group(1)) for _, text in lines if (m := re.search(r"(\d+) trial\(s\) at once", text))] or [1])
 
 
 def _events(lines: list) -> dict:
     """Arrival times of the sweep's own lines: Tune about to start, each trial's start/end, fit() returned."""
-    spans: dict[str, list[list]] = {}
-    last = None
+    spans, last = {}, None  # trial id -> its [start, end] times (a trial started again has more than one)
     for i, (t, text) in enumerate(lines):
         if m := _PROGRESS.match(text):
             last, (event, trial) = i, m.groups()
@@ -50,11 +47,11 @@ def _events(lines: list) -> dict:
 
 def _milestones(launch: float, ev: dict, marks: list[dict]) -> dict:
     """Seconds after launch: Tune about to start, the first trial started, its trainer began, its first optimizer step."""
-    def after(values: list) -> float | None:
-        return min(values) - launch if values else None
-    return {"ready": ev["ready"] - launch if ev["ready"] else None, "trial_started": after([s[0][0] for s in ev["spans"].values() if s]),
-            "trainer_began": after([m["start_unix"] for m in marks if m.get("start_unix")]),
-            "first_step": after([m["first_step_unix"] for m in marks if m.get("first_step_unix")])}
+    def after(*times) -> float | None:
+        return min(t for t in times if t) - launch if any(times) else None
+    return {"ready": after(ev["ready"]), "trial_started": after(*(s[0][0] for s in ev["spans"].values() if s)),
+            "trainer_began": after(*(m.get("start_unix") for m in marks)),
+            "first_step": after(*(m.get("first_step_unix") for m in marks))}
 
 
 def analyse_sweep(sweep_dir: Path, timing: dict, slots: int) -> dict:
@@ -65,8 +62,7 @@ def analyse_sweep(sweep_dir: Path, timing: dict, slots: int) -> dict:
     if ev["ready"] is None or ev["fit_end"] is None:
         raise RuntimeError(f"{sweep_dir}: the sweep's console lines do not show Tune's start and end")
     final = [r.final for r in records]
-    train, evals = (sum(f.get(k) or 0.0 for f in final) for k in ("train_time_s", "eval_time_s"))
-    setup = sum(f.get("setup_time_s") or 0.0 for f in final)
+    train, evals, setup = (sum(f.get(k) or 0.0 for f in final) for k in ("train_time_s", "eval_time_s", "setup_time_s"))
     span_sum = per_trial_start = 0.0
     for r in records:
         runs = [s for s in ev["spans"].get(r.trial_id.split("_")[-1], []) if s[1] is not None]
@@ -79,25 +75,23 @@ def analyse_sweep(sweep_dir: Path, timing: dict, slots: int) -> dict:
              "idle": (ev["fit_end"] - ev["ready"]) * slots - span_sum,
              "startup": (ev["ready"] - timing["launch_unix"]) * slots, "finish": (timing["exit_unix"] - ev["fit_end"]) * slots}
     total = wall * slots
-    return {"trials": len(records), "slots": slots, "wall_s": wall, "total": total, "parts": parts,
-            "startup": _milestones(timing["launch_unix"], ev, final),
+    return {"trials": len(records), "slots": slots, "wall_s": wall, "total": total, "parts": parts, "train_s": train,
+            "eval_s": evals, "startup": _milestones(timing["launch_unix"], ev, final),
             "outcomes": dict(sorted(Counter(r.outcome or "?" for r in records).items())),
             "training_share": train / total, "useful_share": (train + evals) / total}
 
 
 def startup_rep(spec_file: str, rep: int, out: Path, uri: str, slots: int) -> dict:
     """The spec's first ``slots`` trials, stopped once each has done its first optimizer step."""
-    name, sweep_dir = f"bench-startup-{rep}", out / f"bench-startup-{rep}"
-
     from sweeps.results.collect import trial_results
+    name, sweep_dir = f"bench-startup-{rep}", out / f"bench-startup-{rep}"
 
     def first_steps() -> dict:  # trial id -> its first report that has done an optimizer step
         reached = {t: [r for r in rows if r.get("first_step_unix")] for t, rows in
                    (trial_results(sweep_dir) if sweep_dir.is_dir() else {}).items()}
         return {t: rows[0] for t, rows in reached.items() if rows}
 
-    timing = run_sweep(spec_file, [f"name={name}", f"output_dir={out}", f"search.n_trials={slots}", "tracking.uri=null",
-                                   f"tracking.experiment={name}"], {"MLFLOW_TRACKING_URI": uri},
+    timing = run_sweep(spec_file, name, out, [f"search.n_trials={slots}", f"tracking.experiment={name}"], uri,
                        stop=lambda: len(first_steps()) >= slots, timeout=900)
     return _milestones(timing["launch_unix"], _events(timing["lines"]), list(first_steps().values()))
 
@@ -106,41 +100,26 @@ def hf_search(job: dict) -> dict:
     """(In a fresh process.) Optuna's GridSampler over the trial indexes, each trial to its end (NopPruner)."""
     import optuna
     import torch
-    from transformers import TrainerCallback
 
     from scripts.bench import _hf
-    from sweeps.spec import SweepSpec, trial_config
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(job["threads"])
     spec = SweepSpec.model_validate(job["spec"])
     cfgs = [trial_config(spec.base, c) for c in job["configs"]]  # they vary no data setting (checked by the parent)
-    marks = {"train_s": 0.0, "eval_s": 0.0, "first_step_unix": None, "t0": 0.0, "trials": 0}
-
-    class Times(TrainerCallback):
-        def on_train_begin(self, *_a, **_k):
-            marks["trials"] += 1
-
-        def on_step_begin(self, *_a, **_k):
-            marks["t0"] = time.perf_counter()
-
-        def on_step_end(self, *_a, **_k):
-            marks["train_s"] += time.perf_counter() - marks["t0"]
-            marks["first_step_unix"] = marks["first_step_unix"] or time.time()
-
-        def on_evaluate(self, args, state, control, metrics=None, **_k):
-            marks["eval_s"] += (metrics or {}).get("eval_runtime", 0.0)
-
-    indexes = list(range(len(cfgs)))
-    begin = _hf.search(cfgs[0], lambda trial: cfgs[trial.suggest_categorical("trial", indexes)], len(cfgs), callbacks=[Times()],
+    indexes, times = list(range(len(cfgs))), _hf.StepTimes()
+    begin = _hf.search(cfgs[0], lambda trial: cfgs[trial.suggest_categorical("trial", indexes)], len(cfgs), callbacks=[times],
                        pruner=optuna.pruners.NopPruner(), sampler=optuna.samplers.GridSampler({"trial": indexes}, seed=0))
-    return {**marks, "search_begin_unix": begin, "search_end_unix": time.time(), "threads": torch.get_num_threads()}
+    return {**vars(times), "trials": len(cfgs), "search_begin_unix": begin, "search_end_unix": time.time(),
+            "threads": torch.get_num_threads()}
 
 
-def run_hf(sweep_dir: Path, n: int | None, threads: int) -> dict:
-    """The sweep's first ``n`` trials (in the order their trainers began) through HF; start-up reported apart."""
+def run_hf(sweep_dir: Path, n: int, threads: int) -> dict | None:
+    """The sweep's first ``n`` trials (in the order their trainers began) through HF (0: none); start-up reported apart."""
     from sweeps.results.records import read_trials
+    if not n:
+        return None
     records = sorted(read_trials(sweep_dir / "trials.json"), key=lambda r: (r.final.get("start_unix") or math.inf, r.trial_id))
-    configs = [r.config for r in records[: n or len(records)]]
+    configs = [r.config for r in records[:n]]
     for key in ("max_examples", "seq_len", "model"):
         if len({str(c.get(key)) for c in configs}) > 1:
             raise ValueError(f"the HF side tokenizes one data set, but the trials vary {key}")
@@ -148,7 +127,7 @@ def run_hf(sweep_dir: Path, n: int | None, threads: int) -> dict:
     launch = time.time()
     res = child(__file__, "hf_search", job, timeout=7200)
     search = res["search_end_unix"] - res["search_begin_unix"]
-    return {**res, "trials": res["trials"], "search_s": search, "startup_s": res["search_begin_unix"] - launch,
+    return {**res, "slots": 1, "wall_s": search, "search_s": search, "startup_s": res["search_begin_unix"] - launch,
             "first_step_s": res["first_step_unix"] - launch, "training_share": res["train_s"] / search,
             "useful_share": (res["train_s"] + res["eval_s"]) / search}
 
@@ -157,48 +136,44 @@ def main(argv: list[str] | None = None) -> None:
     args, rep = cli(__doc__, __file__, argv, dict(spec="search_spaces/smoke.yaml", reps=1), hf_trials=6, reps=3,
                     spec="search_spaces/lr.yaml")  # HF: the sweep's first N trials (0: none); start-up reps
     args.hf_trials = min(args.hf_trials, 4) if args.quick else args.hf_trials
-    from sweeps.spec import SweepSpec, load_spec
     with tempfile.TemporaryDirectory(prefix="bench-sweep-overhead-") as tmp_name:
         tmp = Path(tmp_name)
         uri = f"sqlite:///{tmp / 'mlflow.db'}"
         spec = load_spec(ROOT / args.spec)
         warm_store(uri)  # the start-up reps' store (and --quick's sweep's)
         if args.quick:
-            out, name, env, extra = tmp / "sweeps", spec.name, {"MLFLOW_TRACKING_URI": uri}, ["tracking.uri=null"]
+            out, name, store = tmp / "sweeps", spec.name, uri
         else:  # a real sweep beside the user's ones (kept: its folder holds the console lines' times)
-            out, name, env, extra = ROOT / spec.output_dir, f"{spec.name}-bench-{time.strftime('%Y%m%d-%H%M%S')}", {}, []
-        timing = run_sweep(str(ROOT / args.spec), [f"name={name}", f"output_dir={out}", *extra], env)
+            out, name, store = ROOT / spec.output_dir, f"{spec.name}-bench-{time.strftime('%Y%m%d-%H%M%S')}", None
+        timing = run_sweep(args.spec, name, out, [], store)
         sweep_dir = out / name
         (sweep_dir / "bench_timing.json").write_text(json.dumps(timing))
         saved = json.loads((sweep_dir / "spec.json").read_text())["spec"]
         spec = SweepSpec.model_validate(saved)
-        slots = slots_for(spec, timing["cpus"])
+        slots = slots_for(timing["lines"])
         sweep = analyse_sweep(sweep_dir, timing, slots)
         spec_file = tmp / "spec.yaml"  # the sweep's own spec, so the start-up reps run the same trials
         spec_file.write_text(json.dumps({k: v for k, v in saved.items() if k != "source"}))
-        def hf_run():
-            return run_hf(sweep_dir, args.hf_trials, min(timing["cpus"], slots)) if args.hf_trials else None
         with ThreadPoolExecutor(1) as pool:  # HF before the start-up reps; --quick: beside them, to halve the wall
-            hf = pool.submit(hf_run) if args.quick else hf_run()
+            hf = pool.submit(run_hf, sweep_dir, args.hf_trials, min(timing["cpus"], slots))
+            if not args.quick:
+                hf.result()
             reps = [startup_rep(str(spec_file), i + 1, tmp / "startup", uri, slots) for i in range(args.reps)]
-            hf = hf.result() if args.quick else hf
+        hf = hf.result()
     rep(f"sweep: {sweep_dir} ({spec.source or 'spec.json'}; model {spec.model}; {sweep['trials']} trials: "
         + ", ".join(f"{n} {o}" for o, n in sweep["outcomes"].items()) + f"); {slots} slots on {timing['cpus']} CPUs", "")
-    rows = [["this project's sweep (Ray Tune, trials in parallel)", sweep["trials"], slots, fmt(sweep["wall_s"]),
-             fmt(sweep["parts"]["training"]), fmt(sweep["parts"]["eval"]), f"{sweep['training_share']:.2f}",
-             f"**{sweep['useful_share']:.2f}**"]]
+    runners = {"this project's sweep (Ray Tune, trials in parallel)": sweep,
+               "HF Trainer.hyperparameter_search (optuna, one process), the search only": hf}
+    rep.table(EFF, [[label, r["trials"], r["slots"], fmt(r["wall_s"]), fmt(r["train_s"]), fmt(r["eval_s"]),
+                     f"{r['training_share']:.2f}", f"**{r['useful_share']:.2f}**"] for label, r in runners.items() if r],
+              "Share of wall x slots in the trials' optimizer steps (training) and in them plus evaluation (useful); the "
+              "sweep's wall is the command's, launch to exit:")
     if hf:
-        rows.append(["HF Trainer.hyperparameter_search (optuna, one process), the search only", hf["trials"], 1,
-                     fmt(hf["search_s"]), fmt(hf["train_s"]), fmt(hf["eval_s"]), f"{hf['training_share']:.2f}",
-                     f"**{hf['useful_share']:.2f}**"])
-    rep.table(EFF, rows, "Share of wall x slots in the trials' optimizer steps (training) and in them plus evaluation "
-                         "(useful); the sweep's wall is the command's, launch to exit:")
-    if hf:
-        rep(f"HF process start-up, apart (launch to the search's start: imports, tokenizer, data, Trainer): "
-            f"{hf['startup_s']:.1f} s; {hf['threads']} torch threads; launch to first optimizer step {hf['first_step_s']:.1f} s", "")
-    parts = sweep["parts"]
+        rep("HF process start-up, apart (launch to the search's start: imports, tokenizer, data, Trainer): "
+            f"{hf['startup_s']:.1f} s; {hf['threads']} torch threads; launch to first optimizer step {hf['first_step_s']:.1f} s",
+            "")
     rep.table(["sweep: part of wall x slots", "seconds", "%"],
-              [[PARTS[k], fmt(v), fmt(100 * v / sweep["total"])] for k, v in parts.items()]
+              [[PARTS[k], fmt(v), fmt(100 * v / sweep["total"])] for k, v in sweep["parts"].items()]
               + [[f"total: wall {sweep['wall_s']:.1f} s x {slots} slots", fmt(sweep["total"]), "100.0"]],
               "Where the sweep's wall x slots went:")
     rep.table(["start-up: seconds after launch", "median of reps", "reps", "the measured sweep"],
