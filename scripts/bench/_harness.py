@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(doc: str, script: str, argv: list[str] | None, quick: dict, **defaults) -> tuple[argparse.Namespace, "Report"]:
-    """--quick, --out and an option a default, typed by it (a list appends; a bool is a flag, --no-NAME for True); under
-    --quick, ``quick``'s values. Then the report's header."""
+    """--quick, --out and an option per default, typed by it (a list appends; a tuple is the choices, the first the
+    default; a bool is a flag, --no-NAME for True); under --quick, ``quick``'s values. Then the report's header."""
     p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a smoke run on the tiny model (CI); not a measurement")
     p.add_argument("--out", metavar="FILE", help="also write the report to FILE, its figures to FILE's .json")
@@ -30,6 +30,8 @@ def cli(doc: str, script: str, argv: list[str] | None, quick: dict, **defaults) 
         flag = name.replace("_", "-")
         if isinstance(default, bool):  # a flag that flips it
             p.add_argument(f"--no-{flag}" if default else f"--{flag}", dest=name, action=f"store_{not default}".lower())
+        elif isinstance(default, tuple):  # the values allowed, the first the default
+            p.add_argument(f"--{flag}", choices=default, default=default[0])
         elif isinstance(default, list):
             p.add_argument(f"--{flag}", action="append", default=[], metavar="KEY=VALUE")
         else:

@@ -107,7 +107,7 @@ def part_a(args, rep: Report, on_gpu: bool, end: float) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     quick = dict(spec="search_spaces/smoke.yaml", repeats=1, warmup=False, batch_size=2, seq_len=128, steps=2)
-    args, rep = cli(__doc__, __file__, argv, quick, part="both", budget_s=0.0, override=[], warmup=True,
+    args, rep = cli(__doc__, __file__, argv, quick, part=("both", "a", "b"), budget_s=0.0, override=[], warmup=True,
                     spec="search_spaces/lr.yaml", repeats=3, seed=0, models="llama-3.2-1b,llama-3.1-8b", batch_size=2,
                     seq_len=2048, steps=6)  # part: a, b or both (B first); budget_s: no step starts that would not end
     on_gpu, end = bool(gpus()) and not args.quick, time.time() + (args.budget_s or 1e9)

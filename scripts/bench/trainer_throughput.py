@@ -72,7 +72,7 @@ def measure(args, method: str) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args, rep = cli(__doc__, __file__, argv, dict(model="tiny", steps=4, reps=1), model="smollm2-135m", steps=12,
-                    methods="full,lora,last_layer", batch_size=4, reps=3, threads=2, device="cpu", dtype="float32")
+                    methods="full,lora,last_layer", batch_size=4, reps=3, threads=2, device=("cpu", "cuda"), dtype=("float32", "bfloat16", "float16"))
     rows = [measure(args, m) for m in args.methods.split(",")]
     rep(f"model {args.model}, {TRAIN_DATA} seq_len {SEQ_LEN}, batch {args.batch_size}, {args.steps} optimizer steps, "
         f"{args.threads} torch threads, {args.device} {args.dtype}; each run a fresh process, ours and HF interleaved; "
