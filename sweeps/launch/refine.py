@@ -16,10 +16,11 @@ LR already in a group (finished, running or waiting) is never proposed again.
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 from optuna.trial import TrialState
 
-from sweeps.launch.space import grid_cells, group_key, longest_first, n_trials
+from sweeps.launch.space import GridSpace, group_key
 from sweeps.results import edges
 from sweeps.spec import SweepSpec
 from trainer.methods import method_cost
@@ -39,11 +40,8 @@ class Refiner:
         # grid trials per group: a group refines as soon as its own grid trials are done, while other groups' grid
         # trials are still to run (so no chain of rounds is left alone at the sweep's end); not with a cap on
         # refinement trials, whose share between groups would then depend on which finished first
-        cells = grid_cells(spec)
-        self.grid_sizes: dict[tuple, int] = {}
-        for i in longest_first(cells)[: n_trials(spec)]:
-            key = group_key(cells[i], self.keys)
-            self.grid_sizes[key] = self.grid_sizes.get(key, 0) + 1
+        grid = GridSpace(spec)  # the cells it hands out, in its order
+        self.grid_sizes = Counter(group_key(grid.cells[i], self.keys) for i in grid.order)
 
     def step(self, study) -> str:
         trials = study.get_trials(deepcopy=False)

@@ -132,7 +132,6 @@ def _release_memory() -> None:
 def _gpu_placement(cfg: TrainConfig) -> dict[str, Any]:
     """The trial's GPU share (its Ray resources), the GPUs Ray gave it, its memory estimate, and the CUDA memory cap
     applied to the share; empty for a trial without a GPU."""
-
     try:
         share = float(tune.get_context().get_trial_resources().required_resources.get("GPU", 0))
     except Exception:  # outside a trial (unit tests)
@@ -185,7 +184,6 @@ def _trial_cpus() -> int | None:
 
 
 def _node_id() -> str | None:
-
     try:
         return ray.get_runtime_context().get_node_id()
     except Exception:  # outside Ray
