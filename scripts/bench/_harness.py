@@ -51,8 +51,8 @@ def sh(*cmd: str) -> str:
 
 def gpus() -> list[dict]:
     out = sh("nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader,nounits")
-    return [{"name": n.strip(), "memory_gib": float(m) / 1024, "driver": d.strip()} for n, m, d in
-            (line.split(",") for line in out.splitlines() if line.strip())]
+    return [{"name": n.strip(), "memory_gib": float(m) / 1024, "driver": d.strip()}
+            for n, m, d in (line.split(",") for line in out.splitlines())]
 
 
 def cpus() -> int:
@@ -67,14 +67,12 @@ class Report:
         cpu = next((ln.split(":", 1)[1].strip() for ln in sh("cat", "/proc/cpuinfo").splitlines()
                     if ln.startswith("model name")), platform.processor())
         found = ", ".join(f"{g['name']} ({g['memory_gib']:.0f} GiB, driver {g['driver']})" for g in gpus()) or "none"
-        commit = sh("git", "rev-parse", "--short", "HEAD") or "unknown"
-        commit += "-dirty" if sh("git", "status", "--porcelain") else ""
-        versions = provenance()["versions"]  # the run's own provenance: what metrics.json records
+        commit = (sh("git", "rev-parse", "--short", "HEAD") or "unknown") + ("-dirty" if sh("git", "status", "-s") else "")
         self(f"command: python scripts/bench/{script} {shlex.join(sys.argv[1:] if argv is None else argv)}".rstrip(),
              f"commit: {commit}; {time.strftime('%Y-%m-%d %H:%M')}",
              f"machine: {platform.platform()}, CPU {cpu}, {cpus()} cores; GPU: {found}; Python {platform.python_version()}",
-             "versions: " + ", ".join(f"{n} {versions.get(n, '-')}"
-                                      for n in ("torch", "transformers", "peft", "ray", "optuna", "mlflow")))
+             # the run's own provenance (what metrics.json records): the packages that shape a run, those installed
+             "versions: " + ", ".join(f"{n} {v}" for n, v in provenance()["versions"].items()))
         if quick:
             self("--quick: a smoke run on the tiny model; the numbers below are not a measurement")
 
@@ -157,8 +155,12 @@ def stop_session(sid: int) -> None:
 def run_sweep(spec: str, name: str, out: Path, overrides: list[str], store: str | None, *, stop=None,
               timeout: float = 7200) -> dict:
     """``python sweeps/run.py SPEC name=NAME output_dir=OUT OVERRIDES`` in a session of its own, each console line with
-    its arrival time; its MLflow runs in the store STORE (None: where the spec says). ``stop()`` (polled) ends it early.
-    Raises if it failed on its own."""
+    its arrival time; its MLflow runs in the store STORE (None: where the spec says), whose tables are made first, as a
+    user's existing store has them (not timed). ``stop()`` (polled) ends it early. Raises if it failed on its own."""
+    if store:
+        from mlflow.tracking import MlflowClient
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its "Creating initial MLflow database tables"
+        MlflowClient(tracking_uri=store).search_experiments(max_results=1)
     overrides = [f"name={name}", f"output_dir={out}", *overrides, *(["tracking.uri=null"] if store else [])]
     cmd, lines = [sys.executable, str(ROOT / "sweeps" / "run.py"), str(ROOT / spec), *overrides], []
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"MLFLOW_TRACKING_URI": store} if store else {})}
@@ -179,10 +181,3 @@ def run_sweep(spec: str, name: str, out: Path, overrides: list[str], store: str 
                                + "\n".join(t for _, t in lines[-30:]) + "\n" + err.read()[-3000:])
     return {"launch_unix": launch, "exit_unix": exit_unix, "wall_s": exit_unix - launch, "stopped_early": stopped,
             "cpus": cpus(), "overrides": overrides, "lines": lines}
-
-
-def warm_store(uri: str) -> None:
-    """Create an MLflow store's tables beforehand, as a user's existing store has them (not part of any timing)."""
-    from mlflow.tracking import MlflowClient
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its "Creating initial MLflow database tables"
-    MlflowClient(tracking_uri=uri).search_experiments(max_results=1)

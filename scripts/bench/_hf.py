@@ -5,6 +5,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import optuna
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
@@ -76,6 +77,7 @@ def search(base, cfg_of, n_trials: int, cadence: bool = True, callbacks=(), **se
     """``Trainer.hyperparameter_search`` (optuna, lowest ``eval_loss``) over our data, each trial's model and arguments from
     ``cfg_of(trial)`` (``base`` for Trainer's own call); evaluates in one batch of the whole eval set, as ours (16 at most).
     Returns the time the search began (after the tokenizer, the data and Trainer's own model_init)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     tokenizer = load_tokenizer(resolve_model_dir(base.model))
     train_ds, eval_ds = data(base, tokenizer)
     with tempfile.TemporaryDirectory(prefix="bench-hf-search-") as tmp:

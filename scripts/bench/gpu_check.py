@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: this checkout's packages
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: the models are built here
 
-from scripts.bench._harness import Report, cli, entry, fmt, gpus, run_sweep, sh, spread, warm_store
+from scripts.bench._harness import Report, cli, entry, fmt, gpus, run_sweep, sh, spread
 from scripts.bench.memory_estimate import real_sizes
 
 HEADER_A = ["row", "resources", "runs", "wall s", "trials completed / run", "completed trials/hour", "mean GPU busy %",
@@ -22,10 +22,9 @@ HEADER_A = ["row", "resources", "runs", "wall s", "trials completed / run", "com
 A_OVERRIDES = ["search.refine=null", "space.batch_size=[8]", "tracking.experiment=gpu-check"]  # 12 trials, the same in both rows
 A_QUICK = ["space.method=[lora]", "data.train=builtin:facts:8", "train.epochs=1", "train.memorization=false",
            "train.forgetting=false", "train.eval_every=8", "failure.checkpoint_every=0", "tracking.experiment=gpu-check"]
-# the two rows: name -> (what it asks for, its overrides); without a GPU the second runs one trial at a time
-ROWS_GPU = {"packed": ("resources: auto", ["resources=auto"]), "one per GPU": ("resources: {gpu: 1}", ["resources={gpu: 1}"])}
-ROWS_CPU = {"packed": ("resources: auto", ["resources=auto"]),
-            "one at a time": ("max_concurrent 1 (no GPU)", ["resources=auto", "search.max_concurrent=1"])}
+# the rows: name -> (what it asks for, its overrides); packed, and one per GPU (without a GPU: one at a time)
+ROWS = {"packed": ("resources: auto", ["resources=auto"]), "one per GPU": ("resources: {gpu: 1}", ["resources={gpu: 1}"]),
+        "one at a time": ("max_concurrent 1 (no GPU)", ["resources=auto", "search.max_concurrent=1"])}
 
 
 def a_sweep(spec: str, tmp: Path, base: list[str], tag: str, overrides: list[str], on_gpu: bool, end: float) -> dict:
@@ -63,13 +62,13 @@ def part_a(args, rep: Report, on_gpu: bool, end: float) -> dict:
     if missing := [m for m in ("ray", "optuna", "mlflow") if importlib.util.find_spec(m) is None]:
         rep(f"not run: {', '.join(missing)} not importable here (see gpu_check.sh)")
         return {"skipped": missing}
-    base, rows = (A_QUICK if args.quick else A_OVERRIDES) + args.override, ROWS_GPU if on_gpu else ROWS_CPU
+    base = (A_QUICK if args.quick else A_OVERRIDES) + args.override
+    rows = {r: ROWS[r] for r in ("packed", "one per GPU" if on_gpu else "one at a time")}
     rep(f"overrides on both rows: `{' '.join(base)}`; " + "; ".join(f"{r} = `{' '.join(ov)}`" for r, (_, ov) in rows.items()))
     runs, rng, last = [], random.Random(args.seed), 0.0
     with tempfile.TemporaryDirectory(prefix="gpu-check-a-") as tmp_name:
         tmp = Path(tmp_name)
         sweep = functools.partial(a_sweep, args.spec, tmp, base, on_gpu=on_gpu, end=end)
-        warm_store(f"sqlite:///{tmp / 'mlflow.db'}")
         if args.warmup:  # model cache, the base model's cached evaluation, imports: discarded
             warm = sweep("warmup", ["resources=auto", "space.method=[lora]"])
             rep("warm-up (discarded): " + (warm.get("error") or f"{warm['wall_s']:.1f} s"))
@@ -89,14 +88,14 @@ def part_a(args, rep: Report, on_gpu: bool, end: float) -> dict:
     table, per_hour = [], {}
     for row, (asks, _) in rows.items():
         done = [r for (_, of), r in ok.items() if of == row]
+        col = lambda key, digits=1, done=done: spread([r[key] for r in done], digits)  # noqa: E731
         per_hour[row] = [r["per_hour"] for r in done]
         at_once = sorted({r["at_once"] for r in done if r["at_once"]}) or ["n/a"]
-        shares = ", ".join(f"{x:g}" for x in sorted({x for r in done for x in r["shares"]})) or "-"
-        table.append([row, asks, len(done), spread([r["wall_s"] for r in done]),
-                      f"{min((r['completed'] for r in done), default=0)} of {max((r['trials'] for r in done), default=0)}",
-                      spread(per_hour[row], 0), spread([r["gpu_busy"] for r in done], 0),
-                      "-".join(map(str, sorted({at_once[0], at_once[-1]}))), shares,
-                      spread([r["peak_gib"] for r in done], 2), spread([r["estimate_gib"] for r in done], 2)])
+        table.append([row, asks, len(done), col("wall_s"), f"{min((r['completed'] for r in done), default=0)} of "
+                      f"{max((r['trials'] for r in done), default=0)}", col("per_hour", 0), col("gpu_busy", 0),
+                      "-".join(map(str, sorted({at_once[0], at_once[-1]}))),
+                      ", ".join(f"{x:g}" for x in sorted({x for r in done for x in r["shares"]})) or "-",
+                      col("peak_gib", 2), col("estimate_gib", 2)])
     rep.table(HEADER_A, table, "median (min-max) over the repeats:")
     first, second = rows
     if pairs := [ok[k, first]["per_hour"] / ok[k, second]["per_hour"] for k, row in ok if row == first and (k, second) in ok]:

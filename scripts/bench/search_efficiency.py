@@ -19,19 +19,20 @@ from sweeps.spec import load_spec, trial_config
 SEARCHERS = {"ours tpe": "tpe", "ours random": "random", "HF optuna": None}
 
 
+def values(study) -> list[dict]:
+    """Each trial's value as Optuna was told it, in the order it proposed them: a completed trial's objective; none for
+    a pruned, diverged or failed one (the same rule both sides)."""
+    return [{"number": t.number, "params": t.params, "value": t.value if t.value is not None and math.isfinite(t.value)
+             else None} for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)]
+
+
 def run_ours(args, searcher: str, seed: int, out: Path) -> dict:
-    """``sweeps/run.py SPEC search.algorithm=A search.seed=S``; its trials in the order the sampler proposed them."""
+    """``sweeps/run.py SPEC search.algorithm=A search.seed=S``: its Optuna study's trials, the base model's loss."""
     name = f"se-{SEARCHERS[searcher]}-s{seed}"
     t = run_sweep(args.spec, name, out, [f"search.algorithm={SEARCHERS[searcher]}", f"search.seed={seed}",
                                          f"search.n_trials={args.trials}"], f"sqlite:///{out / name}.mlflow.db")
-    records = read_trials(out / name / "trials.json")
-    study = optuna.load_study(study_name=name, storage=f"sqlite:///{out / name / 'optuna.db'}")
-    trials = []
-    for ot in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):  # a trial's parameters find its record
-        match = [r for r in records if all(k in r.config and (math.isclose(v, r.config[k], rel_tol=1e-12) if isinstance(v, float)
-                                                             else v == r.config[k]) for k, v in ot.params.items())]
-        trials.append({"number": ot.number, "params": ot.params, "value": match[0].objective if len(match) == 1 else None})
-    l0 = next((r.final["l0"] for r in records if r.final.get("l0") is not None), None)
+    trials = values(optuna.load_study(study_name=name, storage=f"sqlite:///{out / name / 'optuna.db'}"))
+    l0 = next((r.final["l0"] for r in read_trials(out / name / "trials.json") if r.final.get("l0") is not None), None)
     return {"searcher": searcher, "seed": seed, "wall_s": t["wall_s"], "trials": trials, "l0": l0}
 
 
@@ -40,15 +41,12 @@ def hf_search(spec: str, n_trials: int, seed: int) -> dict:
     import torch
 
     from scripts.bench import _hf
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = load_spec(ROOT / spec, [f"search.n_trials={n_trials}", f"search.seed={seed}"])
     space, storage = DefineByRun(spec), optuna.storages.InMemoryStorage()
     # transformers 5 calls model_init before hp_space: both suggest (Optuna repeats a trial's values); one eval, at the end
     _hf.search(spec.base, lambda trial: space(trial) or trial_config(spec.base, trial.params), n_trials, cadence=False,
                sampler=optuna.samplers.TPESampler(seed=seed), storage=storage, study_name="hf")
-    trials = [{"number": t.number, "params": t.params, "value": t.value if t.value is not None and math.isfinite(t.value)
-               else None} for t in sorted(optuna.load_study(study_name="hf", storage=storage).trials, key=lambda t: t.number)]
-    return {"trials": trials, "threads": torch.get_num_threads()}
+    return {"trials": values(optuna.load_study(study_name="hf", storage=storage)), "threads": torch.get_num_threads()}
 
 
 def run_hf(args, searcher: str, seed: int, _out: Path) -> dict:

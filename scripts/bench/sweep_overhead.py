@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: this checkout's packages
 
-from scripts.bench._harness import ROOT, child, cli, entry, fmt, run_sweep, warm_store
+from scripts.bench._harness import ROOT, child, cli, entry, fmt, run_sweep
 from sweeps.spec import SweepSpec, load_spec, trial_config  # here: the HF child imports it anyway
 
 _PROGRESS = re.compile(r"^\[\d+:\d\d\] (\S+)\s+(\S+) ")  # sweeps.launch.progress: "[mm:ss] start   049a12d3 lora lr=..."
@@ -70,11 +70,10 @@ def analyse_sweep(sweep_dir: Path, timing: dict, slots: int) -> dict:
         if runs and r.final.get("start_unix") is not None:
             per_trial_start += r.final["start_unix"] - runs[-1][0]
     wall = timing["exit_unix"] - timing["launch_unix"]
-    parts = {"training": train, "eval": evals, "setup": setup, "per_trial_start": per_trial_start,
+    total, parts = wall * slots, {"training": train, "eval": evals, "setup": setup, "per_trial_start": per_trial_start,
              "in_trial_other": span_sum - per_trial_start - setup - train - evals,
              "idle": (ev["fit_end"] - ev["ready"]) * slots - span_sum,
              "startup": (ev["ready"] - timing["launch_unix"]) * slots, "finish": (timing["exit_unix"] - ev["fit_end"]) * slots}
-    total = wall * slots
     return {"trials": len(records), "slots": slots, "wall_s": wall, "total": total, "parts": parts, "train_s": train,
             "eval_s": evals, "startup": _milestones(timing["launch_unix"], ev, final),
             "outcomes": dict(sorted(Counter(r.outcome or "?" for r in records).items())),
@@ -87,9 +86,8 @@ def startup_rep(spec_file: str, rep: int, out: Path, uri: str, slots: int) -> di
     name, sweep_dir = f"bench-startup-{rep}", out / f"bench-startup-{rep}"
 
     def first_steps() -> dict:  # trial id -> its first report that has done an optimizer step
-        reached = {t: [r for r in rows if r.get("first_step_unix")] for t, rows in
-                   (trial_results(sweep_dir) if sweep_dir.is_dir() else {}).items()}
-        return {t: rows[0] for t, rows in reached.items() if rows}
+        found = trial_results(sweep_dir) if sweep_dir.is_dir() else {}
+        return {t: s[0] for t, rows in found.items() if (s := [r for r in rows if r.get("first_step_unix")])}
 
     timing = run_sweep(spec_file, name, out, [f"search.n_trials={slots}", f"tracking.experiment={name}"], uri,
                        stop=lambda: len(first_steps()) >= slots, timeout=900)
@@ -102,7 +100,6 @@ def hf_search(job: dict) -> dict:
     import torch
 
     from scripts.bench import _hf
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(job["threads"])
     spec = SweepSpec.model_validate(job["spec"])
     cfgs = [trial_config(spec.base, c) for c in job["configs"]]  # they vary no data setting (checked by the parent)
@@ -113,19 +110,17 @@ def hf_search(job: dict) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def run_hf(sweep_dir: Path, n: int, threads: int) -> dict | None:
+def run_hf(sweep_dir: Path, spec: dict, n: int, threads: int) -> dict | None:
     """The sweep's first ``n`` trials (in the order their trainers began) through HF (0: none); start-up reported apart."""
     from sweeps.results.records import read_trials
     if not n:
         return None
     records = sorted(read_trials(sweep_dir / "trials.json"), key=lambda r: (r.final.get("start_unix") or math.inf, r.trial_id))
     configs = [r.config for r in records[:n]]
-    for key in ("max_examples", "seq_len", "model"):
-        if len({str(c.get(key)) for c in configs}) > 1:
-            raise ValueError(f"the HF side tokenizes one data set, but the trials vary {key}")
-    job = {"spec": json.loads((sweep_dir / "spec.json").read_text())["spec"], "configs": configs, "threads": threads}
+    if varied := [k for k in ("max_examples", "seq_len", "model") if len({str(c.get(k)) for c in configs}) > 1]:
+        raise ValueError(f"the HF side tokenizes one data set, but the trials vary {varied}")
     launch = time.time()
-    res = child(__file__, "hf_search", job, timeout=7200)
+    res = child(__file__, "hf_search", {"spec": spec, "configs": configs, "threads": threads}, timeout=7200)
     search = res["search_end_unix"] - res["search_begin_unix"]
     return {**res, "slots": 1, "wall_s": search, "search_s": search, "startup_s": res["search_begin_unix"] - launch,
             "first_step_s": res["first_step_unix"] - launch, "training_share": res["train_s"] / search,
@@ -133,29 +128,25 @@ def run_hf(sweep_dir: Path, n: int, threads: int) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, rep = cli(__doc__, __file__, argv, dict(spec="search_spaces/smoke.yaml", reps=1), hf_trials=6, reps=3,
+    args, rep = cli(__doc__, __file__, argv, dict(spec="search_spaces/smoke.yaml", reps=1, hf_trials=4), hf_trials=6, reps=3,
                     spec="search_spaces/lr.yaml")  # HF: the sweep's first N trials (0: none); start-up reps
-    args.hf_trials = min(args.hf_trials, 4) if args.quick else args.hf_trials
     with tempfile.TemporaryDirectory(prefix="bench-sweep-overhead-") as tmp_name:
         tmp = Path(tmp_name)
         uri = f"sqlite:///{tmp / 'mlflow.db'}"
         spec = load_spec(ROOT / args.spec)
-        warm_store(uri)  # the start-up reps' store (and --quick's sweep's)
-        if args.quick:
-            out, name, store = tmp / "sweeps", spec.name, uri
-        else:  # a real sweep beside the user's ones (kept: its folder holds the console lines' times)
-            out, name, store = ROOT / spec.output_dir, f"{spec.name}-bench-{time.strftime('%Y%m%d-%H%M%S')}", None
+        # --quick: in the temporary folder; else a real sweep beside the user's ones (kept: its console lines' times)
+        out, name, store = (tmp / "sweeps", spec.name, uri) if args.quick else (
+            ROOT / spec.output_dir, f"{spec.name}-bench-{time.strftime('%Y%m%d-%H%M%S')}", None)
         timing = run_sweep(args.spec, name, out, [], store)
         sweep_dir = out / name
         (sweep_dir / "bench_timing.json").write_text(json.dumps(timing))
         saved = json.loads((sweep_dir / "spec.json").read_text())["spec"]
-        spec = SweepSpec.model_validate(saved)
         slots = slots_for(timing["lines"])
         sweep = analyse_sweep(sweep_dir, timing, slots)
         spec_file = tmp / "spec.yaml"  # the sweep's own spec, so the start-up reps run the same trials
         spec_file.write_text(json.dumps({k: v for k, v in saved.items() if k != "source"}))
         with ThreadPoolExecutor(1) as pool:  # HF before the start-up reps; --quick: beside them, to halve the wall
-            hf = pool.submit(run_hf, sweep_dir, args.hf_trials, min(timing["cpus"], slots))
+            hf = pool.submit(run_hf, sweep_dir, saved, args.hf_trials, min(timing["cpus"], slots))
             if not args.quick:
                 hf.result()
             reps = [startup_rep(str(spec_file), i + 1, tmp / "startup", uri, slots) for i in range(args.reps)]

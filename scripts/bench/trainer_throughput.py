@@ -30,8 +30,7 @@ def one(a: dict, impl: str, method: str) -> dict:
     tokenizer = load_tokenizer(resolve_model_dir(cfg.model))
     peak_mb = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # noqa: E731
     if impl == "ours":
-        result = train(cfg)
-        if result.status != "completed":
+        if (result := train(cfg)).status != "completed":
             raise RuntimeError(f"our trainer did not complete: {result.status} {result.reason}")
         stream = example_stream(tokenize(read_examples(TRAIN_DATA), tokenizer, SEQ_LEN), seed=cfg.seed)
         return {"tokens": sum(len(next(stream).input_ids) for _ in range(cfg.max_steps * cfg.batch_size)), "peak_mb": peak_mb(),
@@ -45,7 +44,6 @@ def one(a: dict, impl: str, method: str) -> dict:
     seen, times = {"tokens": 0}, _hf.StepTimes()
     model.register_forward_pre_hook(lambda m, _a, kw: seen.update(tokens=seen["tokens"] + int(kw["attention_mask"].sum()))
                                     if m.training else None, with_kwargs=True)
-
     with tempfile.TemporaryDirectory(prefix="bench-hf-") as tmp:
         targs = _hf.training_args(cfg, len(train_ds), tmp, eval_strategy="no", logging_strategy="no", use_cpu=cfg.device == "cpu")
         Trainer(model=model, args=targs, train_dataset=train_ds, data_collator=_hf.collator(tokenizer.pad_token_id),

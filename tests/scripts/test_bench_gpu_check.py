@@ -38,4 +38,4 @@ def test_gpu_check_quick_fills_both_parts_rows(tiny_model_dir, tmp_path):
     assert out_md.read_text().strip() == out.strip()  # --out: the same report, kept as it grew
     figures = json.loads(out_md.with_suffix(".json").read_text())
     assert [r["completed"] for r in figures["a"]["runs"]] == [2, 2]
-    assert all(r["peak_gib"] > 0 and r["tokens_per_s"] > 0 for r in figures["b"]["rows"])
+    assert all(r["peak_bytes"] > 0 and r["tokens_per_s"] > 0 for r in figures["b"]["rows"])
