@@ -61,7 +61,7 @@ def a_sweep(spec: str, tmp: Path, base: list[str], tag: str, overrides: list[str
 def part_a(args, rep: Report, on_gpu: bool, end: float) -> dict:
     rep("", f"## Part A: packing through Ray Tune ({Path(args.spec).name})", "")
     if missing := [m for m in ("ray", "optuna", "mlflow") if importlib.util.find_spec(m) is None]:
-        rep(f"not run: {', '.join(missing)} not importable here (see gpu_check.sh)")
+        rep(f"not run: {', '.join(missing)} not importable here (see scripts/device_wheels.sh)")
         return {"skipped": missing}
     base, rows = (A_QUICK if args.quick else A_OVERRIDES) + args.override, ROWS_GPU if on_gpu else ROWS_CPU
     rep(f"overrides on both rows: `{' '.join(base)}`; " + "; ".join(f"{r} = `{' '.join(ov)}`" for r, (_, ov) in rows.items()))
