@@ -60,7 +60,7 @@ def a_sweep(spec: str, tmp: Path, base: list[str], tag: str, overrides: list[str
 def part_a(args, rep: Report, on_gpu: bool, end: float) -> dict:
     rep("", f"## Part A: packing through Ray Tune ({Path(args.spec).name})", "")
     if missing := [m for m in ("ray", "optuna", "mlflow") if importlib.util.find_spec(m) is None]:
-        rep(f"not run: {', '.join(missing)} not importable here (see gpu_check.sh)")
+        rep(f"not run: {', '.join(missing)} not importable here (see scripts/device_wheels.sh)")
         return {"skipped": missing}
     base = (A_QUICK if args.quick else A_OVERRIDES) + args.override
     rows = {r: ROWS[r] for r in ("packed", "one per GPU" if on_gpu else "one at a time")}
