@@ -189,7 +189,8 @@ def real_sizes(args, rep: Report, on_gpu: bool, end: float) -> dict:
         for model in ["tiny"] if args.quick else args.models.split(","):
             labels = ["lora", "qlora", "full"] + (["full-8bit"] if model == "llama-3.1-8b" else [])
             try:
-                built = child(__file__, "build", LLAMA.get(model), str(tmp / model), device, timeout=3600)
+                built = child(__file__, "build", LLAMA.get(model), str(tmp / model), device,
+                              timeout=min(max(end - time.time(), 1), 3600))  # within --budget-s
                 rep(f"{model}: {built['params'] / 1e6:,.0f} M parameters")
             except Exception as exc:
                 rows += [dict(model=model, label=lb, method=lb, status=f"not built: {str(exc)[-200:]}") for lb in labels]
