@@ -55,10 +55,6 @@ def gpus() -> list[dict]:
             for n, m, d in (line.split(",") for line in out.splitlines())]
 
 
-def cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 class Report:
     """Prints each line as it comes, and keeps --out's markdown up to date; ``save`` writes the figures (.json)."""
 
@@ -70,7 +66,8 @@ class Report:
         commit = (sh("git", "rev-parse", "--short", "HEAD") or "unknown") + ("-dirty" if sh("git", "status", "-s") else "")
         self(f"command: python scripts/bench/{script} {shlex.join(sys.argv[1:] if argv is None else argv)}".rstrip(),
              f"commit: {commit}; {time.strftime('%Y-%m-%d %H:%M')}",
-             f"machine: {platform.platform()}, CPU {cpu}, {cpus()} cores; GPU: {found}; Python {platform.python_version()}",
+             f"machine: {platform.platform()}, CPU {cpu}, {len(os.sched_getaffinity(0))} cores; GPU: {found}; "
+             f"Python {platform.python_version()}",
              # the run's own provenance (what metrics.json records): the packages that shape a run, those installed
              "versions: " + ", ".join(f"{n} {v}" for n, v in provenance()["versions"].items()))
         if quick:
@@ -180,4 +177,4 @@ def run_sweep(spec: str, name: str, out: Path, overrides: list[str], store: str 
             raise RuntimeError(f"sweep failed (exit {proc.returncode}): {shlex.join(cmd)}\n"
                                + "\n".join(t for _, t in lines[-30:]) + "\n" + err.read()[-3000:])
     return {"launch_unix": launch, "exit_unix": exit_unix, "wall_s": exit_unix - launch, "stopped_early": stopped,
-            "cpus": cpus(), "overrides": overrides, "lines": lines}
+            "cpus": len(os.sched_getaffinity(0)), "overrides": overrides, "lines": lines}

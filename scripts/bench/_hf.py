@@ -24,10 +24,9 @@ def collator(pad_id: int):
     return collate_hf
 
 
-def data(cfg, tokenizer) -> tuple[list, list]:
+def data(cfg, tokenizer) -> list[list]:
     """Train and eval examples exactly as our loop reads them (``trainer.data.run_records``, then tokenized)."""
-    train, evals = run_records(cfg)
-    return tokenize(train, tokenizer, cfg.seq_len), tokenize(evals, tokenizer, cfg.seq_len)
+    return [tokenize(records, tokenizer, cfg.seq_len) for records in run_records(cfg)]
 
 
 def hf_fields(cfg, n_train: int, cadence: bool = True) -> dict:

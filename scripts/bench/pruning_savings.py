@@ -23,14 +23,6 @@ QUICK_PRUNED = ["pruning.rule=median", "pruning.startup_trials=1", "pruning.warm
 KINDS, LABELS = ("pruned", "unpruned"), {"pruned": "with pruning", "unpruned": "without pruning"}
 
 
-def _steps(r) -> int:
-    return int(r.history[-1].get("step") or 0) if r.history else 0
-
-
-def _diverged(r) -> bool:
-    return (r.stopped_by or "").startswith("diverged") or r.final.get("status") == "diverged"
-
-
 def _first_past(record, divergence: dict) -> int | None:
     """The first report (from 1) at which the stopper's own rule, replayed on the unpruned history, would fire."""
     from sweeps.launch.pruning import DivergenceMonitor
@@ -50,6 +42,15 @@ def measure(dirs: dict[str, Path]) -> dict:
     from sweeps.results.records import read_trials
     from sweeps.results.tradeoff import best_record
     from sweeps.spec import SweepSpec
+
+    def _steps(r) -> int:  # optimizer steps a trial took
+        return int(r.history[-1].get("step") or 0) if r.history else 0
+
+    def _diverged(r) -> bool:
+        return (r.stopped_by or "").startswith("diverged") or r.final.get("status") == "diverged"
+
+    def count(pred) -> dict[str, int]:  # each run's trials for which pred holds
+        return {k: sum(map(pred, v)) for k, v in runs.items()}
     spec = SweepSpec.model_validate(json.loads((dirs["pruned"] / "spec.json").read_text())["spec"])
     keys, div = list(spec.space), spec.pruning.divergence.model_dump()
     runs = {k: read_trials(d / "trials.json") for k, d in dirs.items()}
@@ -66,9 +67,6 @@ def measure(dirs: dict[str, Path]) -> dict:
             latency.append({**dict(zip(keys, c)), "first": first, "stop": stop, "caught": caught,
                             "latency": stop - first if caught and first else None,
                             "after_grace": stop - max(first, div["min_reports"]) if caught and first else None})
-
-    def count(pred) -> dict[str, int]:  # each run's trials for which pred holds
-        return {k: sum(map(pred, v)) for k, v in runs.items()}
     return {"keys": keys, "grid": n_trials(spec), "trials": {k: len(v) for k, v in runs.items()}, "matched": len(both),
             "steps": steps, "saved": 1 - steps["pruned"] / steps["unpruned"] if steps["unpruned"] else None,
             "rule": spec.pruning.rule, "median_stops": count(lambda r: (r.stopped_by or "").startswith("pruned")),

@@ -76,13 +76,11 @@ def main(argv: list[str] | None = None) -> None:
         per = {k: [best_after(r["trials"], k) for r in mine] for k in ks}
         med = {k: statistics.median(v) if (v := [x for x in per[k] if x is not None]) else None for k in ks}
         summary[s] = {"per_seed": per, "median": med, "wall_s": statistics.median(r["wall_s"] for r in mine)}
-    rep.table(["searcher", f"median best after {ks[0]}", f"median best after {ks[1]}", f"per seed after {ks[0]}",
-               f"per seed after {ks[1]}", "median wall s"],
-              [[s, fmt(v["median"][ks[0]], 3), fmt(v["median"][ks[1]], 3), " / ".join(fmt(x, 3) for x in v["per_seed"][ks[0]]),
-                " / ".join(fmt(x, 3) for x in v["per_seed"][ks[1]]), fmt(v["wall_s"], 0)] for s, v in summary.items()],
+    rep.table(["searcher", *(f"median best after {k}" for k in ks), "median wall s"],  # each seed's: the next table
+              [[s, *(fmt(v["median"][k], 3) for k in ks), fmt(v["wall_s"], 0)] for s, v in summary.items()],
               "Best held-out eval loss found (lower is better):")
-    rep.table(["searcher", "seed", f"best after {ks[0]}", f"best after {ks[1]}", "finite / trials", "wall s"],
-              [[r["searcher"], r["seed"], fmt(best_after(r["trials"], ks[0]), 3), fmt(best_after(r["trials"], ks[1]), 3),
+    rep.table(["searcher", "seed", *(f"best after {k}" for k in ks), "finite / trials", "wall s"],
+              [[r["searcher"], r["seed"], *(fmt(best_after(r["trials"], k), 3) for k in ks),
                 f"{sum(t['value'] is not None for t in r['trials'])} / {len(r['trials'])}", fmt(r["wall_s"], 0)] for r in runs],
               "Per seed:")
     tpe, rnd = summary["ours tpe"], summary["ours random"]

@@ -26,11 +26,6 @@ MILESTONES = {"ready": "Ray and MLflow up", "trial_started": "first trial starte
               "trainer_began": "first trainer began", "first_step": "first optimizer step done"}
 
 
-def slots_for(lines: list) -> int:
-    """Trials Ray runs at once, as the sweep's own plan said it ("full: 1 CPU per trial; 2 trial(s) at once")."""
-    return max([int(m.group(1)) for _, text in lines if (m := re.search(r"(\d+) trial\(s\) at once", text))] or [1])
-
-
 def _events(lines: list) -> dict:
     """Arrival times of the sweep's own lines: Tune about to start, each trial's start/end, fit() returned."""
     spans, last = {}, None  # trial id -> its [start, end] times (a trial started again has more than one)
@@ -141,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
         sweep_dir = out / name
         (sweep_dir / "bench_timing.json").write_text(json.dumps(timing))
         saved = json.loads((sweep_dir / "spec.json").read_text())["spec"]
-        slots = slots_for(timing["lines"])
+        # trials Ray runs at once, as the sweep's own plan said it ("full: 1 CPU per trial; 2 trial(s) at once")
+        slots = max([int(m[1]) for _, text in timing["lines"] if (m := re.search(r"(\d+) trial\(s\) at once", text))] or [1])
         sweep = analyse_sweep(sweep_dir, timing, slots)
         spec_file = tmp / "spec.yaml"  # the sweep's own spec, so the start-up reps run the same trials
         spec_file.write_text(json.dumps({k: v for k, v in saved.items() if k != "source"}))
