@@ -90,9 +90,8 @@ def train(
         model.to(device)
     base = base_eval.get(cfg, model, tokenizer, train_ex, eval_ex, device=device)
     method = get_method(cfg.method)
-    if cfg.gradient_checkpointing:  # non-reentrant: needs no input that requires grad, so frozen embeddings are fine
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
     model = method.prepare(model, cfg)
     w0 = _snapshot(model, method, device) if cfg.weight_change else {}
     model.train()
@@ -150,6 +149,17 @@ class _Ctx:
     report: Report | None
     base_reference_nll: float | None = None
     last_eval: float | None = None
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing, without the hook transformers adds with it that makes the embedding
+    output need a gradient. Non-reentrant checkpointing needs no input that does: a trainable parameter inside a block
+    is enough. With the hook, the backward of ``last_layer`` ran on through every frozen block below the trained ones,
+    each recomputed and each keeping its input (about twice the step time, for nothing). PEFT sets its own hook for
+    adapters, whose gradient passes through every block anyway."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.disable_input_require_grads()
+    model.config.use_cache = False
 
 
 def _train_step(ctx: _Ctx, stream, params, *, resumed: bool) -> None:

@@ -55,7 +55,9 @@ def peak_gib(device: torch.device) -> float | None:
 # - On top of that, the largest of these moments:
 #   - the start of a backward pass: every tensor the forward saved for backward, plus the float32 log-softmax of the
 #     logits, its gradient and the logits' gradient (3 x batch x seq x vocab x 4 bytes), or a block's backward
-#     temporaries; with gradient checkpointing the saved tensors are each block's input plus one block recomputed;
+#     temporaries; with gradient checkpointing the saved tensors are the input of each block the gradient passes
+#     through (from the lowest trained one up: every block for full and LoRA, the trained ones for last_layer) plus
+#     one block recomputed;
 #   - the end of a backward pass: all the gradients (plus, for a trained tied embedding, its two partial gradients
 #     being summed: the head's and the embedding's);
 #   - an evaluation batch (16 sequences under no_grad): float32 logits and their log-softmax, 2 x 16 x seq x vocab x 4;
@@ -305,13 +307,15 @@ def estimate(cfg, device: str = "cuda") -> Estimate:
     logits = 3 * tokens * f.vocab * 4  # float32 log-softmax (saved), its gradient, the logits' gradient
     accumulated = gradients if cfg.grad_accum > 1 else 0  # the earlier micro-batches' gradients
     if cfg.gradient_checkpointing:
-        # Every block's input is kept (the trainer makes the embedding output need a gradient, so frozen blocks'
-        # too); the backward recomputes one block at a time, the trained blocks first, then (last_layer) the frozen
-        # ones below them, through which the gradient flows on to the embedding output.
-        kept = tokens * (f.layers * e * H + outside)
+        # The input of each block the gradient passes through is kept: every block when the embedding trains or
+        # adapters sit in every block (PEFT makes the embedding output need a gradient), else only the trained ones
+        # (trainer.loop.enable_checkpointing: frozen blocks below them keep nothing and are not recomputed). The
+        # backward recomputes one block at a time.
+        through = f.layers if f.embedding_trains or f.adapted else f.trained_blocks
+        kept = tokens * (through * e * H + outside)
         activations = kept + tokens * trained
         start = max(kept + logits, kept + head_grad + tokens * (trained + transient) + dequant)
-        if f.block_weights_train and f.trained_blocks < f.layers:
+        if f.block_weights_train and f.trained_blocks < through:  # frozen blocks between: their backward too
             start = max(start, gradients + kept + tokens * (frozen + transient))
         end = gradients
         if f.block_weights_train:  # the last block recomputed: its own gradients still coming, one linear's at most

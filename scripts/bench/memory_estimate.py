@@ -130,9 +130,8 @@ def block_rows(methods: list[str], dtypes: list[str], ckpts: list[bool]) -> dict
                               weight_change=False, device="cpu")
             torch.manual_seed(0)
             model = LlamaForCausalLM(config).to(getattr(torch, dtype))
-            if ckpt:  # as trainer.loop does
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-                model.config.use_cache = False
+            if ckpt:
+                loop.enable_checkpointing(model)
             model = get_method(method).prepare(model, cfg).train()
             batch = {"input_ids": torch.randint(3, BLOCK_VOCAB, (4, 128)), "attention_mask": mask, "target": mask.bool()}
             marker = 777_001  # an allocation of a size nothing else has: where the step starts

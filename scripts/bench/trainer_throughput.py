@@ -26,7 +26,8 @@ def one(a: dict, impl: str, method: str) -> dict:
     cfg = TrainConfig(model=a["model"], method=method, device=a["device"], dtype=a["dtype"], threads=a["threads"],
                       train_data=TRAIN_DATA, eval_data="builtin:facts-heldout:4", seq_len=SEQ_LEN, batch_size=a["batch_size"],
                       max_steps=a["steps"], learning_rate=1e-4, warmup_ratio=0.0, scheduler="constant", eval_every=None,
-                      memorization=False, forgetting=False, weight_change=False, save_model=False)
+                      memorization=False, forgetting=False, weight_change=False, save_model=False,
+                      gradient_checkpointing=a["checkpointing"])  # HF's: the export's activation_checkpointing
     tokenizer = load_tokenizer(resolve_model_dir(cfg.model))
     peak_mb = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # noqa: E731
     if impl == "ours":
@@ -70,10 +71,11 @@ def measure(args, method: str) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args, rep = cli(__doc__, __file__, argv, dict(model="tiny", steps=4, reps=1), model="smollm2-135m", steps=12,
-                    methods="full,lora,last_layer", batch_size=4, reps=3, threads=2, device=("cpu", "cuda"), dtype=("float32", "bfloat16", "float16"))
+                    methods="full,lora,last_layer", batch_size=4, reps=3, threads=2, device=("cpu", "cuda"),
+                    dtype=("float32", "bfloat16", "float16"), checkpointing=False)
     rows = [measure(args, m) for m in args.methods.split(",")]
     rep(f"model {args.model}, {TRAIN_DATA} seq_len {SEQ_LEN}, batch {args.batch_size}, {args.steps} optimizer steps, "
-        f"{args.threads} torch threads, {args.device} {args.dtype}; each run a fresh process, ours and HF interleaved; "
+        f"{args.threads} torch threads, {args.device} {args.dtype}{', gradient checkpointing' * args.checkpointing}; each run a fresh process, ours and HF interleaved; "
         f"median (min-max) of {args.reps}; time = the optimizer steps on both sides; parity = |ratio - 1| within "
         "either side's spread", "")
     rep.table(HEADER, [[r["method"], *(spread(r["tok_s"][i], 0) for i in IMPLS), f"{r['ratio']:.2f}", r["verdict"],

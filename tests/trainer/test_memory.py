@@ -68,8 +68,8 @@ def test_checkpointing_keeps_only_block_inputs(llama8b):
         plain = estimate(TrainConfig(model=llama8b, method=method, dtype="bfloat16", batch_size=1, seq_len=2048))
         ckpt = estimate(TrainConfig(model=llama8b, method=method, dtype="bfloat16", batch_size=1, seq_len=2048,
                                     gradient_checkpointing=True))
-        if method == "last_layer":  # only the last block kept activations anyway; checkpointing keeps every input
-            assert ckpt.activations > plain.activations
+        if method == "last_layer":  # only the last block kept activations anyway: checkpointing adds its input only
+            assert plain.activations < ckpt.activations < 1.2 * plain.activations  # every block's input: 2.2x
         else:
             assert ckpt.activations < plain.activations / 5, method
         assert ckpt.weights == plain.weights and ckpt.optimizer == plain.optimizer

@@ -33,6 +33,26 @@ def test_checkpointing_recomputes_the_same_losses(tiny_model_dir):
     assert [h["train_loss"] for h in ckpt.history] == pytest.approx([h["train_loss"] for h in plain.history], rel=1e-5)
 
 
+@pytest.mark.parametrize("method", ["last_layer", "lora"])
+def test_checkpointing_stops_the_backward_at_the_lowest_block_that_trains(method, tiny_model_dir):
+    """transformers' checkpointing makes the embedding output need a gradient; the trainer drops that, so last_layer's
+    backward no longer runs through (and recomputes) the frozen blocks below it. LoRA's adapters sit in every block:
+    the gradient passes through all of them either way. The losses are the plain run's."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.loop import enable_checkpointing
+    from trainer.models import resolve_model_dir
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_dir("tiny"))
+    enable_checkpointing(model)
+    model = get_method(method).prepare(model, _cfg(method)).train()
+    hidden = model(input_ids=torch.tensor([[5, 6, 7, 8]]), output_hidden_states=True).hidden_states
+    inputs = [h.requires_grad for h in hidden[:-1]]  # each block's input: the embedding output, then each block's output
+    assert inputs == [method == "lora"] * len(inputs) and hidden[-1].requires_grad, (method, inputs)
+    plain, ckpt = train(_cfg(method)), train(_cfg(method, gradient_checkpointing=True))
+    assert [h["train_loss"] for h in ckpt.history] == pytest.approx([h["train_loss"] for h in plain.history], rel=1e-5)
+
+
 def test_qlora_trains_adapters_on_a_4bit_base(tiny_model_dir, tmp_path):
     result = train(_cfg("lora", quantization="4bit", output_dir=str(tmp_path)))
     assert result.status == "completed", result.reason
