@@ -33,23 +33,27 @@ def test_checkpointing_recomputes_the_same_losses(tiny_model_dir):
     assert [h["train_loss"] for h in ckpt.history] == pytest.approx([h["train_loss"] for h in plain.history], rel=1e-5)
 
 
-@pytest.mark.parametrize("method", ["last_layer", "lora"])
-def test_checkpointing_stops_the_backward_at_the_lowest_block_that_trains(method, tiny_model_dir):
+@pytest.mark.parametrize("method, quantization", [("last_layer", None), ("lora", None), ("lora", "4bit")])
+def test_checkpointing_stops_the_backward_at_the_lowest_block_that_trains(method, quantization, tiny_model_dir):
     """transformers' checkpointing makes the embedding output need a gradient; the trainer drops that, so last_layer's
     backward no longer runs through (and recomputes) the frozen blocks below it. LoRA's adapters sit in every block:
-    the gradient passes through all of them either way. The losses are the plain run's."""
+    the gradient passes through all of them (PEFT makes the embedding output need one again, except on a 4-bit base,
+    where the first block's adapters start the gradient). The losses are the plain run's."""
     from transformers import AutoModelForCausalLM
 
     from trainer.loop import enable_checkpointing
-    from trainer.models import resolve_model_dir
+    from trainer.models import bnb_config, resolve_model_dir
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_dir("tiny"))
+    cfg = _cfg(method, quantization=quantization)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_dir("tiny"),
+                                                 **({"quantization_config": bnb_config(cfg.dtype)} if quantization else {}))
     enable_checkpointing(model)
-    model = get_method(method).prepare(model, _cfg(method)).train()
+    model = get_method(method).prepare(model, cfg).train()
     hidden = model(input_ids=torch.tensor([[5, 6, 7, 8]]), output_hidden_states=True).hidden_states
     inputs = [h.requires_grad for h in hidden[:-1]]  # each block's input: the embedding output, then each block's output
-    assert inputs == [method == "lora"] * len(inputs) and hidden[-1].requires_grad, (method, inputs)
-    plain, ckpt = train(_cfg(method)), train(_cfg(method, gradient_checkpointing=True))
+    expected = {"last_layer": [False] * len(inputs), "lora": [quantization is None] + [True] * (len(inputs) - 1)}
+    assert inputs == expected[method] and hidden[-1].requires_grad, (method, quantization, inputs)
+    plain, ckpt = train(cfg), train(_cfg(method, quantization=quantization, gradient_checkpointing=True))
     assert [h["train_loss"] for h in ckpt.history] == pytest.approx([h["train_loss"] for h in plain.history], rel=1e-5)
 
 
