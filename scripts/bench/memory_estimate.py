@@ -34,8 +34,8 @@ BLOCK_VOCAB = 1024
 LLAMA3 = dict(num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)  # published dimensions; no weights are read
 LLAMA = {"llama-3.2-1b": dict(LLAMA3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, tie_word_embeddings=True),
          "llama-3.1-8b": dict(LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, tie_word_embeddings=False)}
-SETTINGS = {"full": {"method": "full"}, "lora": {"method": "lora"}, "last_layer": {"method": "last_layer"},
-            "qlora": {"method": "lora", "quantization": "4bit"}, "full-8bit": {"method": "full", "optimizer": "adamw_8bit"}}
+SETTINGS = {"lora": {"method": "lora"}, "qlora": {"method": "lora", "quantization": "4bit"}, "full": {"method": "full"},
+            "full-8bit": {"method": "full", "optimizer": "adamw_8bit"}}  # part B's rows
 B_HEADER = ["model", "method", "optimizer", "status", "estimate GiB", "measured peak GiB", "peak / estimate",
             "tokens/s after step 1", "s/step after step 1", "torchtune, Llama-3.1-8B, 1 GPU"]
 # torchtune README, "Memory and training speed": Llama-3.1-8B, 1x RTX 4090, batch 2 packed to 2048, torch.compile
@@ -192,7 +192,7 @@ def real_sizes(args, rep: Report, on_gpu: bool, end: float) -> dict:
                               timeout=min(max(end - time.time(), 1), 3600))  # within --budget-s
                 rep(f"{model}: {built['params'] / 1e6:,.0f} M parameters")
             except Exception as exc:
-                rows += [dict(model=model, label=lb, method=lb, status=f"not built: {str(exc)[-200:]}") for lb in labels]
+                rows += [dict(model=model, label=lb, status=f"not built: {str(exc)[-200:]}") for lb in labels]
                 continue
             rows += measure([(model, lb, TrainConfig(model=str(tmp / model), **base, **SETTINGS[lb])) for lb in labels], 1,
                             end, gpu_gib)

@@ -49,11 +49,12 @@ def measure(dirs: dict[str, Path]) -> dict:
     def _diverged(r) -> bool:
         return (r.stopped_by or "").startswith("diverged") or r.final.get("status") == "diverged"
 
-    def count(pred) -> dict[str, int]:  # each run's trials for which pred holds
-        return {k: sum(map(pred, v)) for k, v in runs.items()}
     spec = SweepSpec.model_validate(json.loads((dirs["pruned"] / "spec.json").read_text())["spec"])
     keys, div = list(spec.space), spec.pruning.divergence.model_dump()
     runs = {k: read_trials(d / "trials.json") for k, d in dirs.items()}
+
+    def count(pred) -> dict[str, int]:  # each run's trials for which pred holds
+        return {k: sum(map(pred, v)) for k, v in runs.items()}
     cells = {k: {tuple(f"{r.config.get(f):.6g}" if isinstance(r.config.get(f), float) else str(r.config.get(f)) for f in keys): r
                  for r in recs} for k, recs in runs.items()}
     both = sorted(set(cells["pruned"]) & set(cells["unpruned"]))

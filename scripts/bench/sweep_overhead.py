@@ -65,7 +65,8 @@ def analyse_sweep(sweep_dir: Path, timing: dict, slots: int) -> dict:
         if runs and r.final.get("start_unix") is not None:
             per_trial_start += r.final["start_unix"] - runs[-1][0]
     wall = timing["exit_unix"] - timing["launch_unix"]
-    total, parts = wall * slots, {"training": train, "eval": evals, "setup": setup, "per_trial_start": per_trial_start,
+    total = wall * slots
+    parts = {"training": train, "eval": evals, "setup": setup, "per_trial_start": per_trial_start,
              "in_trial_other": span_sum - per_trial_start - setup - train - evals,
              "idle": (ev["fit_end"] - ev["ready"]) * slots - span_sum,
              "startup": (ev["ready"] - timing["launch_unix"]) * slots, "finish": (timing["exit_unix"] - ev["fit_end"]) * slots}

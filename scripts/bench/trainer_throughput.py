@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
                     dtype=("float32", "bfloat16", "float16"), checkpointing=False)
     rows = [measure(args, m) for m in args.methods.split(",")]
     rep(f"model {args.model}, {TRAIN_DATA} seq_len {SEQ_LEN}, batch {args.batch_size}, {args.steps} optimizer steps, "
-        f"{args.threads} torch threads, {args.device} {args.dtype}{', gradient checkpointing' * args.checkpointing}; each run a fresh process, ours and HF interleaved; "
+        f"{args.threads} torch threads, {args.device} {args.dtype}{', gradient checkpointing' * args.checkpointing}; "
+        "each run a fresh process, ours and HF interleaved; "
         f"median (min-max) of {args.reps}; time = the optimizer steps on both sides; parity = |ratio - 1| within "
         "either side's spread", "")
     rep.table(HEADER, [[r["method"], *(spread(r["tok_s"][i], 0) for i in IMPLS), f"{r['ratio']:.2f}", r["verdict"],
